@@ -1,0 +1,210 @@
+"""The `Comparator`: a loaded model set -> per-photo results (top-5, explanation evidence,
+latency) for every model, plus the ensemble. Models that share a frozen backbone and input size
+share one backbone pass; every explanation comes from the pass that made the prediction.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from birdfg.checkpoints import LoadedModel, ModelSet
+from birdfg.data import build_transform, display_name
+from birdfg.explain import (AttentionRecorder, attention_rollout, class_token_attention, crop_box,
+                            normalise, overlay)
+from birdfg.heads import BilinearHead, LinearHead
+from birdfg.images import ImageSource, open_rgb
+from birdfg.models import ENSEMBLE_KEY
+
+DISPLAY_SIDE = 512  # overlays are drawn on a copy of the photo this large (longer side)
+
+
+@dataclass
+class ModelResult:
+    key: str
+    name: str
+    probs: np.ndarray | None = None
+    latency_ms: float = 0.0
+    error: str | None = None
+    # Evidence for maps of any class, from the prediction's own forward pass.
+    features: torch.Tensor | None = None
+    attentions: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class Comparison:
+    photo: Image.Image  # the photo as shown (longer side <= DISPLAY_SIDE)
+    classes: list[str]
+    results: dict[str, ModelResult]
+    ensemble_probs: np.ndarray | None
+    models: dict[str, LoadedModel]
+
+    def top(self, probs: np.ndarray, k: int = 5) -> list[tuple[str, float]]:
+        order = np.argsort(-probs)[:k]
+        return [(display_name(self.classes[i]), float(probs[i])) for i in order]
+
+    def predicted(self, key: str) -> int:
+        probs = self.ensemble_probs if key == ENSEMBLE_KEY else self.results[key].probs
+        return int(np.argmax(probs))
+
+    @property
+    def agree(self) -> bool:
+        tops = {self.predicted(k) for k, r in self.results.items() if r.ok}
+        return len(tops) == 1 and all(r.ok for r in self.results.values())
+
+    def to_json(self) -> dict[str, Any]:
+        """The `/compare` API contract."""
+        models = {}
+        for key, r in self.results.items():
+            entry: dict[str, Any] = {"name": r.name, "top5": self.top(r.probs) if r.ok else [],
+                                     "latency_ms": round(r.latency_ms, 1)}
+            if not r.ok:
+                entry["error"] = r.error
+            models[key] = entry
+        ensemble = {"top5": self.top(self.ensemble_probs) if self.ensemble_probs is not None else []}
+        return {"models": models, "ensemble": ensemble, "agree": self.agree}
+
+    def class_map(self, key: str, class_index: int | None = None, layer: int | None = None,
+                  head: int | None = None) -> np.ndarray:
+        """The explanation grid of model `key` for `class_index` (default: its prediction)."""
+        r = self.results[key]
+        if not r.ok:
+            raise ValueError(f"{key}: no result ({r.error})")
+        c = self.predicted(key) if class_index is None else class_index
+        return explanation(self.models[key].model.head, r.features, r.attentions, c, layer, head)
+
+    def overlay(self, key: str, class_index: int | None = None, opacity: float = 0.5, **kw) -> Image.Image:
+        box = crop_box(self.photo.size, self.models[key].preprocess)
+        return overlay(self.photo, self.class_map(key, class_index, **kw), box, opacity)
+
+    def pair_maps(self, key: str, class_index: int | None = None, k: int = 4) -> list[tuple[str, Image.Image]]:
+        """B-CNN only: the k channel pairs that add most to the class, each as a small overlay."""
+        head_module = self.models[key].model.head
+        if not isinstance(head_module, BilinearHead):
+            return []
+        c = self.predicted(key) if class_index is None else class_index
+        box = crop_box(self.photo.size, self.models[key].preprocess)
+        small = self.photo.copy()
+        small.thumbnail((160, 160))
+        small_box = tuple(v * small.width / self.photo.width for v in box)
+        with torch.inference_mode():
+            pairs = head_module.top_pairs(self.results[key].features, c, k)
+        return [(f"channels {i}x{j}: {value:+.3f}", overlay(small, m.numpy(), small_box, 0.6))
+                for i, j, value, m in pairs]
+
+
+def explanation(head_module: torch.nn.Module, features: torch.Tensor, attentions: list[torch.Tensor],
+                class_index: int, layer: int | None = None, head: int | None = None) -> np.ndarray:
+    """One image's explanation grid (features and attentions of a batch of one).
+
+    CNN: class activation map. B-CNN: the class score decomposed over locations. ViT: attention
+    rollout, or with `layer` (and `head`) that layer's class-token attention; attention does not
+    depend on the class asked about."""
+    if isinstance(head_module, (LinearHead, BilinearHead)):
+        with torch.inference_mode():
+            return head_module.class_maps(features, torch.tensor([class_index]))[0, 0].float().numpy()
+    if not attentions:
+        raise ValueError("no attention was recorded for this model")
+    n = attentions[0].shape[-1] - 1
+    side = int(round(n ** 0.5))
+    if layer is None:
+        heat = attention_rollout(attentions)[0]
+    else:
+        per_head = class_token_attention(attentions[layer])[0]
+        heat = per_head.mean(0) if head is None else per_head[head]
+    return heat.float().reshape(side, n // side).numpy()
+
+
+class Comparator:
+    """Runs a model set on photos. Build once at start-up and share: calls from several threads
+    are serialised around the forward pass (the attention recorders hold per-call state, and two
+    CPU cores gain nothing from running two passes at once)."""
+
+    def __init__(self, model_set: ModelSet):
+        if not model_set.models:
+            raise ValueError(f"{model_set.folder}: no usable model ({'; '.join(model_set.errors.values())}).")
+        self.model_set = model_set
+        self.models = model_set.models
+        self.classes = next(iter(self.models.values())).classes
+        self.recorders = {k: AttentionRecorder(m.model) for k, m in self.models.items()}
+        self.transforms = {k: build_transform(m.preprocess, train=False) for k, m in self.models.items()}
+        self.groups = self._group_by_backbone()
+        self._lock = threading.Lock()
+
+    def _group_by_backbone(self) -> list[list[str]]:
+        """Keys whose models share one backbone object and one preprocessing: one pass serves all."""
+        groups: dict[tuple, list[str]] = {}
+        for key, m in self.models.items():
+            signature = (id(m.model.backbone), repr(sorted(m.preprocess.items())))
+            groups.setdefault(signature, []).append(key)
+        return list(groups.values())
+
+    def compare(self, source: ImageSource) -> Comparison:
+        """Classify and explain one photo with every model. Raises ImageError for bad input."""
+        photo = open_rgb(source)
+        shown = photo.copy()
+        shown.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
+        results = {}
+        for keys in self.groups:
+            for key, out in self.forward_group([photo], keys).items():
+                loaded = self.models[key]
+                if isinstance(out, Exception):
+                    results[key] = ModelResult(key, loaded.display_name, error=f"{type(out).__name__}: {out}")
+                else:
+                    results[key] = ModelResult(key, loaded.display_name, out.probs[0].numpy(), out.latency_ms,
+                                               features=out.features, attentions=out.attentions)
+        ok = [r.probs for r in results.values() if r.ok]
+        ensemble = np.mean(ok, axis=0) if ok else None
+        ordered = {k: results[k] for k in self.models}
+        return Comparison(shown, self.classes, ordered, ensemble, self.models)
+
+    def classify(self, photos: list[Image.Image]) -> dict[str, torch.Tensor | Exception]:
+        """Class probabilities (B, classes) of each model for already-opened photos, in batches;
+        a model that fails gives its exception instead."""
+        probs: dict[str, torch.Tensor | Exception] = {}
+        for keys in self.groups:
+            for key, out in self.forward_group(photos, keys).items():
+                probs[key] = out if isinstance(out, Exception) else out.probs
+        return {k: probs[k] for k in self.models}
+
+    def forward_group(self, photos: list[Image.Image], keys: list[str]) -> dict[str, "BatchOutput | Exception"]:
+        """One backbone pass for the models in `keys` (they share it), then each head. What an
+        explanation needs (features, attention) is kept from this same pass."""
+        start = time.perf_counter()
+        with self._lock, torch.inference_mode():
+            for key in keys:
+                self.recorders[key].take()  # drop anything a failed earlier call left behind
+            try:
+                x = torch.stack([self.transforms[keys[0]](p) for p in photos])
+                features = self.models[keys[0]].model.features(x)
+            except Exception as exc:  # noqa: BLE001 - one failing model must not take the others down
+                return {k: exc for k in keys}
+            shared_ms = (time.perf_counter() - start) * 1000
+            out: dict[str, BatchOutput | Exception] = {}
+            for key in keys:
+                start = time.perf_counter()
+                try:
+                    logits = self.models[key].model.head(features)
+                    out[key] = BatchOutput(logits.float().softmax(-1), features, self.recorders[key].take())
+                except Exception as exc:  # noqa: BLE001
+                    out[key] = exc
+                    continue
+                out[key].latency_ms = shared_ms + (time.perf_counter() - start) * 1000
+        return out
+
+
+@dataclass
+class BatchOutput:
+    probs: torch.Tensor
+    features: torch.Tensor
+    attentions: list[torch.Tensor]
+    latency_ms: float = 0.0

@@ -1,0 +1,198 @@
+"""`python -m birdfg.evaluate --data DIR --checkpoints checkpoints/lite [--split val] [--json OUT]
+[--pointing-game]`: accuracy per model and for the ensemble (mean of the softmaxes), per-class
+accuracy, a confusion-matrix PNG per model, and optionally the pointing game (is the peak of the
+explanation for the true class inside the CUB bird box?). The report is also stored beside the
+checkpoints (`<checkpoints>/report/`), where the app's Models tab reads it.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from birdfg.checkpoints import load_set
+from birdfg.compare import Comparator, explanation
+from birdfg.data import DatasetError, Sample, display_name, samples
+from birdfg.explain import crop_box, peak_location
+from birdfg.images import ImageError, open_rgb
+from birdfg.models import ENSEMBLE_KEY
+
+log = logging.getLogger("birdfg.evaluate")
+REPORT_DIR = "report"
+REPORT_FILE = "evaluation.json"
+
+
+def read_boxes(annotations: Path) -> dict[str, tuple[float, float, float, float, int, int]]:
+    """path -> (x, y, w, h, width, height) from annotations.csv."""
+    boxes = {}
+    with open(annotations, newline="") as f:
+        for row in csv.DictReader(f):
+            boxes[row["path"]] = tuple(float(row[k]) for k in ("bbox_x", "bbox_y", "bbox_w", "bbox_h")) + (
+                int(row["width"]), int(row["height"]))
+    return boxes
+
+
+def _hit(peak: tuple[float, float], box, photo_size: tuple[int, int]) -> bool:
+    x, y, w, h, width, height = box
+    sx, sy = photo_size[0] / width, photo_size[1] / height  # the photo may have been downscaled
+    px, py = peak
+    return x * sx <= px <= (x + w) * sx and y * sy <= py <= (y + h) * sy
+
+
+def evaluate(comparator: Comparator, items: list[Sample], data_dir: Path, batch_size: int = 16,
+             boxes: dict | None = None) -> dict:
+    """Accuracy, per-class accuracy, confusion matrices and (with `boxes`) pointing game."""
+    classes = comparator.classes
+    keys = list(comparator.models) + [ENSEMBLE_KEY]
+    n = len(classes)
+    confusion = {k: np.zeros((n, n), dtype=int) for k in keys}
+    hits = {k: [0, 0] for k in comparator.models}
+    skipped = []
+    for start in tqdm(range(0, len(items), batch_size), desc="evaluating", unit="batch"):
+        batch, photos = [], []
+        for item in items[start:start + batch_size]:
+            try:
+                photos.append(open_rgb(item.path))
+                batch.append(item)
+            except ImageError as exc:
+                log.warning("skipping %s", exc)
+                skipped.append(str(item.path))
+        if not batch:
+            continue
+        labels = [s.label for s in batch]
+        outputs = {}
+        for group in comparator.groups:
+            outputs.update(comparator.forward_group(photos, group))
+        probs = {}
+        for key, out in outputs.items():
+            if isinstance(out, Exception):
+                raise RuntimeError(f"model {key} failed: {out}") from out
+            probs[key] = out.probs
+            if boxes is not None:
+                _pointing(comparator, key, out, batch, photos, data_dir, boxes, hits[key])
+        probs[ENSEMBLE_KEY] = torch.stack([probs[k] for k in comparator.models]).mean(0)
+        for key in keys:
+            for truth, pred in zip(labels, probs[key].argmax(-1).tolist()):
+                confusion[key][truth, pred] += 1
+    if skipped:
+        log.warning("skipped %d unreadable file(s) of %d", len(skipped), len(items))
+    report = {}
+    for key in keys:
+        cm = confusion[key]
+        per_class = {classes[i]: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None) for i in range(n)}
+        report[key] = {"accuracy": float(np.trace(cm) / max(cm.sum(), 1)), "correct": int(np.trace(cm)),
+                       "total": int(cm.sum()), "per_class": per_class, "confusion": cm.tolist()}
+        if key in hits and hits[key][1]:
+            report[key]["pointing_game"] = hits[key][0] / hits[key][1]
+            report[key]["pointing_total"] = hits[key][1]
+    report["_skipped"] = skipped
+    return report
+
+
+def _pointing(comparator, key, out, batch, photos, data_dir, boxes, tally) -> None:
+    head = comparator.models[key].model.head
+    preprocess = comparator.models[key].preprocess
+    for i, (item, photo) in enumerate(zip(batch, photos)):
+        rel = item.path.relative_to(data_dir).as_posix() if item.path.is_relative_to(data_dir) else None
+        if rel not in boxes:
+            continue
+        heat = explanation(head, out.features[i:i + 1], [a[i:i + 1] for a in out.attentions], item.label)
+        peak = peak_location(heat, crop_box(photo.size, preprocess))
+        tally[0] += _hit(peak, boxes[rel], photo.size)
+        tally[1] += 1
+
+
+def save_confusion_png(cm: list[list[int]], classes: list[str], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [display_name(c) for c in classes]
+    fig, ax = plt.subplots(figsize=(8, 7), dpi=90)
+    ax.imshow(np.asarray(cm), cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def print_report(report: dict, comparator: Comparator) -> None:
+    print(f"\n{'model':<30} {'accuracy':>9} {'correct':>8} {'pointing':>9}")
+    for key, r in report.items():
+        if key.startswith("_"):
+            continue
+        name = comparator.models[key].display_name if key in comparator.models else "Ensemble (mean softmax)"
+        pg = f"{r['pointing_game']:.3f}" if "pointing_game" in r else "-"
+        print(f"{name:<30} {r['accuracy']:>9.3f} {r['correct']:>4}/{r['total']:<4} {pg:>8}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m birdfg.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--checkpoints", type=Path, default=Path("checkpoints/lite"))
+    p.add_argument("--split", choices=["train", "val"], default="val")
+    p.add_argument("--split-file", type=Path, default=None,
+                   help="CSV such as annotations.csv; its cub_split column picks the photos (val = CUB test)")
+    p.add_argument("--json", type=Path, default=None, help="also write the report here")
+    p.add_argument("--pointing-game", action="store_true", help="needs DATA/annotations.csv (bird boxes)")
+    p.add_argument("--no-save", action="store_true", help="do not store the report beside the checkpoints")
+    p.add_argument("--batch-size", type=int, default=16)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    model_set = load_set(args.checkpoints)
+    if not model_set.models:
+        print(f"error: no usable checkpoint in {args.checkpoints}: " + "; ".join(model_set.errors.values()),
+              file=sys.stderr)
+        return 2
+    comparator = Comparator(model_set)
+    try:
+        items = samples(args.data, args.split, comparator.classes, args.split_file)
+    except (DatasetError, KeyError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    boxes = None
+    if args.pointing_game:
+        annotations = args.data / "annotations.csv"
+        if not annotations.exists():
+            print(f"error: --pointing-game needs {annotations} (bird boxes)", file=sys.stderr)
+            return 2
+        boxes = read_boxes(annotations)
+    report = evaluate(comparator, items, args.data, args.batch_size, boxes)
+    report["_meta"] = {"split": args.split, "split_file": str(args.split_file) if args.split_file else None,
+                       "data": str(args.data), "checkpoints": str(args.checkpoints)}
+    print_report(report, comparator)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
+    if not args.no_save:
+        out = args.checkpoints / REPORT_DIR
+        out.mkdir(exist_ok=True)
+        tag = f"{args.split}-{args.split_file.stem}" if args.split_file else args.split
+        for key in comparator.models:
+            save_confusion_png(report[key]["confusion"], comparator.classes,
+                               f"{comparator.models[key].display_name} ({tag})", out / f"{key}_confusion_{tag}.png")
+        (out / f"evaluation_{tag}.json").write_text(json.dumps(report, indent=1))
+        print(f"stored report and confusion matrices in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

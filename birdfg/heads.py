@@ -1,0 +1,170 @@
+"""The three heads. The models differ only here: each head turns backbone features into logits
+and knows how to spread a class score back over image locations (its explanation).
+
+Feature maps are (B, C, H, W); token features are (B, 1 + N, D) with the class token first.
+`class_maps(features, classes)` returns (B, K, H, W): for each image, one map per requested class,
+computed from the features of the same forward pass that produced the prediction.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import nn
+
+
+class LinearHead(nn.Module):
+    """Global average pool + dropout + linear: the CNN head. Its CAM is exact:
+    mean_l(CAM_c(l)) + b_c equals the logit, because pooling and the linear layer commute."""
+
+    def __init__(self, in_features: int, num_classes: int, dropout: float = 0.2):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(fmap.mean(dim=(2, 3))))
+
+    def class_maps(self, fmap: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """CAM_c(l) = w_c . f(l)."""
+        return torch.einsum("kc,bchw->bkhw", self.fc.weight[classes].to(fmap.dtype), fmap)
+
+
+class TokenHead(nn.Module):
+    """Linear classifier on the class token of a ViT backbone (the full preset's ViT-B/16).
+    Its explanation is attention rollout over the backbone's blocks (see explain.py)."""
+
+    def __init__(self, in_features: int, num_classes: int, dropout: float = 0.1):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(tokens[:, 0]))
+
+
+class TransformerHead(nn.Module):
+    """A hybrid ViT on top of a CNN feature map: each location becomes a patch token, a class
+    token and learned position embeddings are added, and a small transformer encoder (timm's own
+    `Block`, so attention is real ViT attention) feeds a linear classifier on the class token."""
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        grid: int,
+        dim: int = 256,
+        depth: int = 2,
+        heads: int = 4,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        self.grid = grid
+        self.proj = nn.Conv2d(in_features, dim, kernel_size=1)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, dim))
+        self.blocks = nn.Sequential(
+            *[Block(dim, heads, mlp_ratio=2.0, qkv_bias=True, proj_drop=dropout, attn_drop=0.0) for _ in range(depth)]
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(dim, num_classes)
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj(fmap).flatten(2).transpose(1, 2)
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
+        x = torch.cat([cls, tokens], dim=1) + self._pos_embed(fmap.shape[-2:])
+        x = self.norm(self.blocks(x))
+        return self.fc(self.drop(x[:, 0]))
+
+    def _pos_embed(self, hw: tuple[int, int]) -> torch.Tensor:
+        if hw == (self.grid, self.grid):
+            return self.pos_embed
+        # Another input size: interpolate the patch positions, as timm does for ViTs.
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        patch_pos = patch_pos.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos, size=hw, mode="bicubic", align_corners=False)
+        return torch.cat([cls_pos, patch_pos.flatten(2).transpose(1, 2)], dim=1)
+
+
+class BilinearHead(nn.Module):
+    """Bilinear CNN pooling (Lin, RoyChowdhury & Maji 2015), symmetric form (a = b):
+    B = (1/L) sum_l a(l) a(l)^T, then signed square root, L2 normalisation, dropout, linear.
+
+    An optional 1x1 convolution reduces the channels first (documented deviation from the
+    paper): 2048^2 x classes weights for ResNet-152 would be 84M parameters per 20 classes.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, dim: int | None = 256, dropout: float = 0.2):
+        super().__init__()
+        self.reduce = (
+            nn.Sequential(nn.Conv2d(in_features, dim, 1, bias=False), nn.BatchNorm2d(dim), nn.ReLU(inplace=True))
+            if dim
+            else nn.Identity()
+        )
+        self.dim = dim or in_features
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(self.dim * self.dim, num_classes)
+
+    def pooled(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reduced features a: (B, L, d), bilinear matrix B: (B, d, d))."""
+        a = self.reduce(fmap).flatten(2).transpose(1, 2).float()
+        return a, a.transpose(1, 2) @ a / a.shape[1]
+
+    @staticmethod
+    def normalise(bilinear: torch.Tensor) -> torch.Tensor:
+        x = bilinear.flatten(1)
+        x = torch.sign(x) * torch.sqrt(x.abs() + 1e-10)
+        return F.normalize(x, dim=1)
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        _, bilinear = self.pooled(fmap)
+        return self.fc(self.drop(self.normalise(bilinear)).to(self.fc.weight.dtype))
+
+    def effective_weights(self, bilinear: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """W'_c = W_c * S with S = g(B) / B elementwise, so that <W_c, g(B)> = <W'_c, B> exactly.
+
+        The signed-sqrt + L2 step is a per-entry rescaling of B for this image; folding it into
+        the weights makes the score linear in B, hence a sum over locations. (B, K, d, d)."""
+        scale = self.normalise(bilinear) / torch.where(bilinear.flatten(1).abs() > 1e-12, bilinear.flatten(1), 1.0)
+        scale = torch.where(bilinear.flatten(1).abs() > 1e-12, scale, torch.zeros_like(scale))
+        w = self.fc.weight[classes].float()  # (K, d*d)
+        return (w[None] * scale[:, None]).view(bilinear.shape[0], len(classes), self.dim, self.dim)
+
+    def class_maps(self, fmap: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """m_c(l) = a(l)^T W'_c a(l) / L; summing over l gives the class score minus its bias."""
+        a, bilinear = self.pooled(fmap)
+        w = self.effective_weights(bilinear, classes)
+        maps = torch.einsum("bld,bkde,ble->bkl", a, w, a) / a.shape[1]
+        return maps.view(fmap.shape[0], len(classes), *fmap.shape[-2:])
+
+    def top_pairs(self, fmap: torch.Tensor, cls: int, k: int = 4) -> list[tuple[int, int, float, torch.Tensor]]:
+        """The k channel pairs (i, j) that add most to class `cls` for the first image, with their
+        contribution W'_c[i, j] B[i, j] and their location map a_i(l) a_j(l)."""
+        a, bilinear = self.pooled(fmap[:1])
+        w = self.effective_weights(bilinear, torch.tensor([cls], device=fmap.device))[0, 0]
+        contrib = (w * bilinear[0]).flatten()
+        values, flat = contrib.topk(k)
+        h, wd = fmap.shape[-2:]
+        pairs = []
+        for value, index in zip(values.tolist(), flat.tolist()):
+            i, j = divmod(index, self.dim)
+            pairs.append((i, j, value, (a[0, :, i] * a[0, :, j]).view(h, wd)))
+        return pairs
+
+
+HEADS: dict[str, type[nn.Module]] = {
+    "linear": LinearHead,
+    "token": TokenHead,
+    "transformer": TransformerHead,
+    "bilinear": BilinearHead,
+}
+
+
+def grid_size(img_size: int, stride: int = 32) -> int:
+    return math.ceil(img_size / stride)

@@ -1,0 +1,130 @@
+"""`ModelSpec` (plain data that says what a model is), `build(spec)`, and the two presets.
+
+A bird model is a backbone from the registry plus one of the heads; nothing else differs
+between the CNN, the ViT and the B-CNN.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from birdfg.backbones import backbone_cfg, create_backbone, data_config, feature_dim
+from birdfg.heads import HEADS, grid_size
+
+MODEL_KEYS = ("cnn", "vit", "bcnn")
+ENSEMBLE_KEY = "ensemble"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    key: str
+    display_name: str
+    backbone: str
+    head: str
+    num_classes: int
+    img_size: int
+    head_kwargs: dict[str, Any] = field(default_factory=dict)
+    # A frozen backbone is not trained; its weights come from the registry at load time and
+    # one copy can serve every model of a set that shares it.
+    frozen_backbone: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"Model spec has unknown fields {sorted(unknown)}.")
+        return cls(**data)
+
+
+class BirdModel(nn.Module):
+    """backbone.forward_features -> head. `features` and `head` are separate so that a shared
+    frozen backbone can run once for several heads."""
+
+    def __init__(self, spec: ModelSpec, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.spec = spec
+        self.backbone = backbone
+        self.head = head
+        if spec.frozen_backbone:
+            self.backbone.requires_grad_(False)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def train(self, mode: bool = True) -> "BirdModel":
+        super().train(mode)
+        if self.spec.frozen_backbone:
+            self.backbone.eval()  # frozen BatchNorm statistics stay ImageNet's
+        return self
+
+
+def build_head(spec: ModelSpec, in_features: int) -> nn.Module:
+    kwargs = dict(spec.head_kwargs)
+    if spec.head == "transformer":
+        kwargs.setdefault("grid", grid_size(spec.img_size))
+    return HEADS[spec.head](in_features, spec.num_classes, **kwargs)
+
+
+def build(spec: ModelSpec, pretrained: bool = True, backbone: nn.Module | None = None) -> BirdModel:
+    """Build the model a spec describes. `pretrained=False` downloads nothing; `backbone` lets a
+    model set share one already-built frozen backbone."""
+    if spec.head not in HEADS:
+        raise ValueError(f"Unknown head {spec.head!r}; choose one of {sorted(HEADS)}.")
+    needs_tokens = spec.head == "token"
+    if needs_tokens != (backbone_cfg(spec.backbone).features == "tokens"):
+        raise ValueError(f"Head {spec.head!r} does not fit backbone {spec.backbone!r} (feature map vs tokens).")
+    backbone = backbone if backbone is not None else create_backbone(spec.backbone, pretrained, spec.img_size)
+    return BirdModel(spec, backbone, build_head(spec, feature_dim(backbone)))
+
+
+def preprocess_config(spec: ModelSpec, backbone: nn.Module) -> dict:
+    return data_config(backbone, spec.img_size)
+
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # The reference report's three models; fine-tuned end to end on a GPU.
+    "full": {
+        "cnn": dict(display_name="ResNet-152", backbone="resnet152", head="linear", img_size=224,
+                    head_kwargs={"dropout": 0.3}),
+        "vit": dict(display_name="ViT-B/16", backbone="vit_base_patch16_224", head="token", img_size=224),
+        "bcnn": dict(display_name="B-CNN (ResNet-152)", backbone="resnet152", head="bilinear", img_size=224,
+                     head_kwargs={"dim": 512, "dropout": 0.3}),
+    },
+    # Offline CPU set: one frozen ImageNet EfficientNet-Lite0 shared by three trained heads.
+    "lite": {
+        "cnn": dict(display_name="EfficientNet-Lite0 CNN", backbone="tf_efficientnet_lite0", head="linear",
+                    img_size=320, frozen_backbone=True, head_kwargs={"dropout": 0.3}),
+        "vit": dict(display_name="Hybrid ViT (Lite0 tokens)", backbone="tf_efficientnet_lite0", head="transformer",
+                    img_size=320, frozen_backbone=True, head_kwargs={"dim": 256, "depth": 2, "heads": 4}),
+        "bcnn": dict(display_name="B-CNN (Lite0)", backbone="tf_efficientnet_lite0", head="bilinear",
+                     img_size=320, frozen_backbone=True, head_kwargs={"dim": 256, "dropout": 0.3}),
+    },
+}
+
+
+def preset_specs(
+    preset: str, num_classes: int, keys: tuple[str, ...] = MODEL_KEYS, img_size: int | None = None
+) -> dict[str, ModelSpec]:
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
+    unknown = set(keys) - set(PRESETS[preset])
+    if unknown:
+        raise ValueError(f"Unknown model keys {sorted(unknown)}; choose from {list(MODEL_KEYS)}.")
+    specs = {}
+    for key in keys:
+        row = dict(PRESETS[preset][key])
+        if img_size:
+            row["img_size"] = img_size
+        specs[key] = ModelSpec(key=key, num_classes=num_classes, **row)
+    return specs

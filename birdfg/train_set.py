@@ -1,0 +1,108 @@
+"""Training a model set: the chosen models of a preset one after another, each exported to
+`OUTPUT/<preset>/<key>.safetensors`, then a table shaped like the report's Table I.
+`train.py` parses the command line and calls `train_set`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from birdfg import checkpoints
+from birdfg.data import DatasetError, check_class_folders, class_names, drop_unreadable, samples
+from birdfg.models import MODEL_KEYS, PRESETS, build, preprocess_config, preset_specs
+from birdfg.training import TrainConfig, build_feature_cache, fit, image_loaders
+
+log = logging.getLogger("birdfg.train")
+
+
+def _devices(value: str) -> str | int:
+    return int(value) if value.isdigit() else value
+
+
+def train_set(args: argparse.Namespace, command: str) -> int:
+    """Train, export and tabulate; returns the process exit code."""
+    try:
+        check_class_folders(args.data)
+        classes = class_names(args.data)
+        train_items = drop_unreadable(samples(args.data, "train", classes, args.split_file), "train")
+        val_items = drop_unreadable(samples(args.data, "val", classes, args.split_file), "val")
+    except (DatasetError, OSError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not train_items or not val_items:
+        print(f"error: {args.data}: need train and val photos (found {len(train_items)} / {len(val_items)}).",
+              file=sys.stderr)
+        return 2
+    lite = args.preset == "lite"
+    cfg = TrainConfig(
+        epochs=args.epochs or (30 if lite else 10), batch_size=args.batch_size,
+        lr=args.lr or (1e-3 if lite else 3e-4), weight_decay=args.weight_decay, seed=args.seed,
+        accelerator=args.accelerator, devices=_devices(args.devices), num_nodes=args.num_nodes,
+        strategy=args.strategy, precision=args.precision, logger=args.logger, workers=args.workers,
+        resume=args.resume,
+    )
+    split_name = f"{args.split_file.name}:cub_split" if args.split_file else "train_images/val_images"
+    specs = preset_specs(args.preset, len(classes), tuple(args.models), args.img_size)
+    out_dir = args.output / args.preset
+    runs_dir = args.output / ".runs" / args.preset
+    shared_backbones: dict = {}
+    caches: dict = {}
+    rows = []
+    total_start = time.perf_counter()
+    for key, spec in specs.items():
+        print(f"\n== {key}: {spec.display_name} ({spec.backbone} + {spec.head} head) ==", flush=True)
+        backbone = shared_backbones.get(spec.backbone) if spec.frozen_backbone else None
+        model = build(spec, pretrained=not args.no_pretrained, backbone=backbone)
+        if spec.frozen_backbone:
+            shared_backbones[spec.backbone] = model.backbone
+        preprocess = preprocess_config(spec, model.backbone)
+        if spec.frozen_backbone:
+            cache_key = (spec.backbone, spec.img_size)
+            if cache_key not in caches:
+                caches[cache_key] = build_feature_cache(model, preprocess, train_items, val_items, args.views,
+                                                        args.seed, runs_dir / "cache")
+            train_data, val_data = caches[cache_key].train, caches[cache_key].val
+        else:
+            train_data, val_data = image_loaders(train_items, val_items, preprocess, cfg)
+        result = fit(model, train_data, val_data, cfg, runs_dir / key)
+        metrics = {"train_acc": result.train_acc, "val_acc": result.val_acc, "split": split_name,
+                   "best_epoch": result.best_epoch}
+        trained = {"epochs": result.epochs_run, "command": command, "seconds": round(result.seconds, 1),
+                   "pretrained": not args.no_pretrained}
+        status = _export_if_better(model, out_dir / f"{key}.safetensors", classes, preprocess, metrics, trained,
+                                   args.force)
+        rows.append((key, spec.display_name, result, status))
+    print(_table(rows, time.perf_counter() - total_start))
+    if args.push_to_hub:
+        url = checkpoints.push_set(out_dir, args.push_to_hub, command)
+        print(f"published {out_dir} to {url}")
+    return 0
+
+
+def _export_if_better(model, path: Path, classes, preprocess, metrics, trained, force: bool) -> str:
+    if path.exists() and not force:
+        try:
+            old = checkpoints.read_metadata(path)["metrics"].get("val_acc", -1.0)
+        except checkpoints.CheckpointError as exc:
+            log.warning("replacing unreadable %s (%s)", path, exc)
+            old = -1.0
+        if old is not None and old > metrics["val_acc"]:
+            print(f"kept {path}: its val accuracy {old:.3f} beats this run's {metrics['val_acc']:.3f} "
+                  "(use --force to replace it)")
+            return f"kept existing ({old:.3f})"
+    checkpoints.export(model, path, classes, preprocess, metrics, trained)
+    print(f"exported {path}")
+    return "exported"
+
+
+def _table(rows, seconds: float) -> str:
+    lines = ["", "Table I - accuracy", f"{'model':<28} {'train acc':>9} {'val acc':>8}  {'epoch':>5}  checkpoint",
+             "-" * 72]
+    for _key, name, r, status in rows:
+        lines.append(f"{name:<28} {r.train_acc:>9.3f} {r.val_acc:>8.3f}  {r.best_epoch:>5}  {status}")
+    lines.append(f"total time {seconds / 60:.1f} min")
+    return "\n".join(lines)

@@ -1,0 +1,54 @@
+"""Train birdfg models: `python train.py --data ../shared/bird_dataset --preset lite`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from birdfg.models import MODEL_KEYS, PRESETS
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__)
+    p.add_argument("--data", type=Path, required=True, help="dataset folder (train_images/, val_images/)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    p.add_argument("--models", nargs="+", choices=MODEL_KEYS, default=list(MODEL_KEYS))
+    p.add_argument("--epochs", type=int, default=None, help="default: 10 (full), 30 (lite heads)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=None, help="default: 3e-4 (full), 1e-3 (lite heads)")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--img-size", type=int, default=None, help="input size (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", type=Path, default=Path("checkpoints"))
+    p.add_argument("--split-file", type=Path, default=None,
+                   help="CSV such as annotations.csv whose cub_split column (train/test) defines the split")
+    p.add_argument("--views", type=int, default=6,
+                   help="frozen backbones: augmented views of each train photo to cache (default 6)")
+    p.add_argument("--no-pretrained", action="store_true", help="random backbone weights; downloads nothing")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--force", action="store_true", help="export even if val accuracy is below the existing file's")
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--devices", default="auto")
+    p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--strategy", default="auto")
+    p.add_argument("--precision", default=None, help="default: bf16-mixed on a GPU that has it, else 32-true")
+    p.add_argument("--logger", default="csv", choices=["csv", "tensorboard", "wandb", "none"])
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="publish the exported set to the Hub")
+    return p.parse_args(argv)
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    from birdfg.train_set import train_set  # heavy imports after --help
+
+    return train_set(args, "python train.py " + " ".join(shlex.quote(a) for a in argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
