@@ -1,0 +1,84 @@
+"""Builders of both presets, the Lite0 ImageNet weight mapping, heads fitting backbones."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from birdfg.backbones import create_backbone, data_config, imagenet_classifier
+from birdfg.data import build_transform
+from birdfg.models import MODEL_KEYS, ModelSpec, build, preset_specs
+
+
+@pytest.mark.parametrize("key", MODEL_KEYS)
+def test_full_preset_builds_without_downloading(key):
+    spec = preset_specs("full", 7, (key,), img_size=64)[key]
+    model = build(spec, pretrained=False).eval()
+    with torch.inference_mode():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("key", MODEL_KEYS)
+def test_lite_preset_builds_with_offline_weights(key):
+    spec = preset_specs("lite", 5, (key,), img_size=96)[key]
+    model = build(spec, pretrained=True).eval()
+    assert spec.frozen_backbone and not any(p.requires_grad for p in model.backbone.parameters())
+    assert all(p.requires_grad for p in model.head.parameters())
+    with torch.inference_mode():
+        assert model(torch.randn(2, 3, 96, 96)).shape == (2, 5)
+
+
+def test_transformer_head_accepts_another_input_size():
+    spec = preset_specs("lite", 3, ("vit",), img_size=96)["vit"]
+    model = build(spec, pretrained=False).eval()
+    with torch.inference_mode():
+        assert model(torch.randn(1, 3, 160, 128)).shape == (1, 3)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenetv3_small_100"])
+def test_any_timm_feature_map_backbone_works_for_cnn_and_bcnn(backbone):
+    for head in ("linear", "bilinear"):
+        spec = ModelSpec("cnn", "x", backbone, head, num_classes=4, img_size=64,
+                         head_kwargs={"dim": 32} if head == "bilinear" else {})
+        with torch.inference_mode():
+            assert build(spec, pretrained=False).eval()(torch.randn(1, 3, 64, 64)).shape == (1, 4)
+
+
+def test_head_that_does_not_fit_the_backbone_is_refused():
+    spec = ModelSpec("vit", "x", "resnet18", "token", num_classes=4, img_size=64)
+    with pytest.raises(ValueError, match="does not fit"):
+        build(spec, pretrained=False)
+
+
+def test_unknown_names_give_clear_errors():
+    with pytest.raises(ValueError, match="Unknown preset"):
+        preset_specs("huge", 3)
+    with pytest.raises(ValueError, match="Unknown backbone"):
+        create_backbone("not_a_model_xyz", pretrained=False)
+
+
+def test_spec_round_trips_through_plain_data():
+    spec = preset_specs("lite", 20)["bcnn"]
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="unknown fields"):
+        ModelSpec.from_dict({**spec.to_dict(), "surprise": 1})
+
+
+def test_lite0_pip_weights_reproduce_imagenet_predictions():
+    """skimage's coffee photo is an espresso (ImageNet class 967) for the mapped weights."""
+    skimage_data = pytest.importorskip("skimage.data", reason="scikit-image ships the coffee photo")
+    from PIL import Image
+
+    model = imagenet_classifier("tf_efficientnet_lite0")
+    x = build_transform(data_config(model, 224), train=False)(Image.fromarray(skimage_data.coffee()))
+    with torch.inference_mode():
+        probs = model(x[None]).softmax(-1)[0]
+    assert int(probs.argmax()) == 967
+    assert float(probs[967]) > 0.8
+
+
+def test_preprocessing_comes_from_the_backbone():
+    cfg = data_config(create_backbone("tf_efficientnet_lite0", pretrained=False), 320)
+    assert cfg["input_size"] == [3, 320, 320]
+    assert cfg["mean"] == pytest.approx([0.5, 0.5, 0.5])  # Lite0 was trained on [-1, 1] inputs
+    cfg = data_config(create_backbone("resnet18", pretrained=False), 224)
+    assert cfg["mean"] == pytest.approx([0.485, 0.456, 0.406], abs=1e-3)
