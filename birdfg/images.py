@@ -19,6 +19,13 @@ MAX_PIXELS = 50_000_000
 # Models see at most a few hundred pixels; decoding more only costs time and memory.
 MAX_SIDE = 1024
 MIN_SIDE = 8
+# A longer thin strip is not a photo, and the eval resize (shorter side -> crop size) would blow it
+# up to a huge intermediate image (a 4000x8 strip becomes 131072x256 pixels).
+MAX_ASPECT = 20
+# The decoders an upload may reach: photo formats only. Pillow can open ~40 formats, some through
+# external programs (EPS runs Ghostscript); a bird photo never needs them, so they are refused.
+# (Multi-picture JPEGs from cameras open through "JPEG".)
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 
 ImageSource = Union[str, Path, bytes, Image.Image]
 
@@ -50,27 +57,41 @@ def open_rgb(source: ImageSource, max_side: int = MAX_SIDE) -> Image.Image:
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{name}: image is too large to decode safely ({exc}).") from exc
+        # Pillow's own message quotes its limit (twice ours), which would only confuse.
+        raise ImageError(
+            f"{name}: the image is more than the {MAX_PIXELS // 1_000_000} MP limit (a decompression bomb?); "
+            "resize the photo and try again."
+        ) from exc
     except UnidentifiedImageError as exc:
-        raise ImageError(f"{name}: not a recognised image file (try a JPEG or PNG photo).") from exc
+        raise ImageError(
+            f"{name}: not a recognised image file (use a JPEG, PNG, WebP, GIF, BMP, TIFF or AVIF photo)."
+        ) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"{name}: the image is damaged or truncated ({exc}).") from exc
-    if max(img.size) > max_side:
-        img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
-    return img
+    return _shrink(img, max_side)
+
+
+def _shrink(img: Image.Image, max_side: int) -> Image.Image:
+    """Downscale to `max_side` as a new image (`thumbnail` would also shrink a caller's PIL image
+    in place)."""
+    if max(img.size) <= max_side:
+        return img
+    scale = max_side / max(img.size)
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    return img.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
 
 
 def _open(source: str | Path | bytes) -> Image.Image:
     if isinstance(source, bytes):
         if not source:
             raise ImageError("upload: the file is empty.")
-        return Image.open(io.BytesIO(source))
+        return Image.open(io.BytesIO(source), formats=FORMATS)
     path = Path(source)
-    if not path.is_file():
-        raise ImageError(f"{path}: no such file.")
+    if not path.is_file():  # a folder, a device such as /dev/zero or a FIFO would never end
+        raise ImageError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}.")
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: the file is empty.")
-    return Image.open(path)
+    return Image.open(path, formats=FORMATS)
 
 
 def _check_dimensions(img: Image.Image, name: str) -> None:
@@ -82,6 +103,11 @@ def _check_dimensions(img: Image.Image, name: str) -> None:
         )
     if min(width, height) < MIN_SIDE:
         raise ImageError(f"{name}: {width}x{height} pixels is too small to classify (need {MIN_SIDE}+).")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ImageError(
+            f"{name}: {width}x{height} pixels is a thin strip, not a photo (the sides may differ by at most "
+            f"{MAX_ASPECT}:1); crop it to the bird and try again."
+        )
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
