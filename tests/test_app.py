@@ -1,0 +1,291 @@
+"""The comparison app, for real: `python app.py` on localhost, called through `gradio_client`
+with real photos and with every kind of bad upload; plus the app's own logic (set discovery,
+hub fallback, the per-session cache, the stored report, batch tables) on real files."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import app_server
+from conftest import SHARED_DATA, synthetic_photo
+
+KEYS = ("cnn", "vit", "bcnn")
+
+
+@pytest.fixture(scope="session")
+def app_url(app_checkpoints, pytestconfig, tmp_path_factory) -> str:
+    tmp = tmp_path_factory.mktemp("app")
+    return app_server.app_url(app_checkpoints, app_server.example_folder(SHARED_DATA, tmp), pytestconfig, tmp)
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    from gradio_client import Client
+
+    return Client(app_url, verbose=False)
+
+
+def compare(client, path):
+    from gradio_client import handle_file
+
+    return client.predict(handle_file(str(path)) if path is not None else None, api_name="/compare")
+
+
+def check_answer(answer: dict) -> None:
+    """The /compare contract."""
+    assert set(answer) == {"models", "ensemble", "agree"}, answer
+    assert set(answer["models"]) == set(KEYS)
+    for key, entry in answer["models"].items():
+        assert isinstance(entry["name"], str) and entry["name"], key
+        assert entry["latency_ms"] > 0
+        top5 = entry["top5"]
+        assert len(top5) == min(5, len(top5)) > 0
+        species, probs = zip(*top5)
+        assert all(isinstance(s, str) and s for s in species)
+        assert all(0.0 <= p <= 1.0 for p in probs) and list(probs) == sorted(probs, reverse=True)
+    assert len(answer["ensemble"]["top5"]) == len(answer["models"]["cnn"]["top5"])
+    tops = {entry["top5"][0][0] for entry in answer["models"].values()}
+    assert answer["agree"] == (len(tops) == 1)
+
+
+def test_compare_returns_the_contract_and_three_overlays(client, sample_photo):
+    answer, *overlays = compare(client, sample_photo)
+    check_answer(answer)
+    assert len(overlays) == 3
+    width, height = Image.open(sample_photo).size
+    for path in overlays:
+        with Image.open(path) as overlay:
+            assert max(overlay.size) <= 512
+            assert abs(overlay.width / overlay.height - width / height) < 0.02, (overlay.size, (width, height))
+
+
+def test_the_api_is_documented_as_one_image_in(client):
+    info = client.view_api(return_format="dict", print_info=False)
+    compare_api = info["named_endpoints"]["/compare"]
+    assert [p["component"] for p in compare_api["parameters"]] == ["Image"]
+    assert [r["component"] for r in compare_api["returns"]] == ["Json", "Image", "Image", "Image"]
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def make_bad_inputs(folder: Path, photo: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+
+    def path(name: str) -> Path:
+        files[name] = folder / name
+        return files[name]
+
+    path("notes.jpg").write_text("this is a shopping list, not a photo")
+    path("empty.png").write_bytes(b"")
+    raw = photo.read_bytes()
+    path("truncated.jpg").write_bytes(raw[: len(raw) // 3])
+    Image.new("RGB", (1, 1), (10, 20, 30)).save(path("one_pixel.png"))
+    # A 20000 x 20000 PNG header over a few bytes of data: must be refused before decoding.
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    path("bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+                                 + _png_chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + _png_chunk(b"IEND", b""))
+    image = Image.open(photo).convert("RGB")
+    rgba = image.convert("RGBA")
+    rgba.putalpha(100)
+    rgba.save(path("transparent.png"))
+    image.convert("CMYK").save(path("cmyk.jpg"))
+    image.convert("L").save(path("grey.jpg"))
+    frames = [image.resize((240, 180)), image.resize((240, 180)).rotate(15)]
+    frames[0].save(path("animated.gif"), save_all=True, append_images=frames[1:], duration=80, loop=0)
+    return files
+
+
+REFUSED = {"notes.jpg": "not a recognised image", "empty.png": "empty", "truncated.jpg": "truncated",
+           "one_pixel.png": "too small", "bomb.png": "MP limit"}
+ACCEPTED = ("transparent.png", "cmyk.jpg", "grey.jpg", "animated.gif")
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, sample_photo) -> dict[str, Path]:
+    return make_bad_inputs(tmp_path_factory.mktemp("bad"), sample_photo)
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_bad_upload_gets_a_clear_message(client, app_url, bad_inputs, name):
+    answer, *overlays = compare(client, bad_inputs[name])
+    assert set(answer) == {"error"}, answer
+    assert REFUSED[name].lower() in answer["error"].lower(), answer["error"]
+    assert str(bad_inputs[name].parent) not in answer["error"]  # no server paths in messages
+    assert overlays == [None, None, None]
+    assert app_server.is_alive(app_url)
+
+
+@pytest.mark.parametrize("name", ACCEPTED)
+def test_unusual_but_valid_images_get_a_result(client, bad_inputs, name):
+    answer, *overlays = compare(client, bad_inputs[name])
+    check_answer(answer)
+    assert all(Path(p).is_file() for p in overlays)
+
+
+def test_no_image_gets_a_clear_message_and_the_app_still_answers(client, app_url, sample_photo):
+    answer, *overlays = compare(client, None)
+    assert "no photo" in answer["error"].lower()
+    assert overlays == [None, None, None]
+    check_answer(compare(client, sample_photo)[0])
+
+
+def test_batch_gives_a_table_and_a_csv(client, sample_photo, bad_inputs):
+    from gradio_client import handle_file
+
+    files = [handle_file(str(sample_photo)), handle_file(str(bad_inputs["notes.jpg"])),
+             handle_file(str(bad_inputs["grey.jpg"]))]
+    table, csv_path = client.predict(files, api_name="/batch")
+    headers, rows = table["headers"], table["data"]
+    assert headers[0] == "photo" and "ensemble top-1" in headers
+    assert [r[0] for r in rows] == [sample_photo.name, "notes.jpg", "grey.jpg"]
+    assert "unreadable" in rows[1][1]
+    assert all(isinstance(r[headers.index("ensemble conf")], float) for r in (rows[0], rows[2]))
+    with open(csv_path, newline="") as f:
+        saved = list(csv.reader(f))
+    assert saved[0] == headers and len(saved) == 4
+
+
+def test_the_page_is_served_on_localhost_with_examples(app_url):
+    import urllib.request
+
+    assert app_url.startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(app_url + "config", timeout=10) as response:
+        config = json.load(response)
+    kinds = [c.get("type") for c in config["components"]]
+    assert "dataset" in kinds, "the --examples gallery is missing"
+    selector = next(c for c in config["components"] if c.get("props", {}).get("label") == "Model set")
+    assert [choice[1] for choice in selector["props"]["choices"]] == ["lite", "lite-copy"]
+
+
+# --- the app's logic, in process --------------------------------------------------------------
+
+
+def fake_set(folder: Path, keys=KEYS) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for key in keys:
+        (folder / f"{key}.safetensors").write_bytes(b"")
+    return folder
+
+
+def test_default_set_is_full_only_when_complete(tmp_path):
+    from birdfg.app_state import discover
+
+    fake_set(tmp_path / "lite")
+    fake_set(tmp_path / "full", keys=("cnn", "vit"))
+    sources, default, notes = discover(tmp_path)
+    assert [s.name for s in sources] == ["full", "lite"] and default == "lite" and not notes
+    fake_set(tmp_path / "full")
+    assert discover(tmp_path)[1] == "full"
+    assert discover(tmp_path / "lite")[1] == "lite"  # --checkpoints pointing at one set
+
+
+def test_no_checkpoints_says_what_to_do(tmp_path):
+    from birdfg.app_state import ModelSets, SetError
+
+    sets = ModelSets.discover(tmp_path / "nothing")
+    assert sets.default is None and "train.py" in sets.notes[0]
+    with pytest.raises(SetError, match="train.py"):
+        sets.get(None)
+
+
+def test_hub_set_is_used_when_cached_and_offline_falls_back_to_disk(tmp_path, monkeypatch, app_checkpoints):
+    from huggingface_hub import constants
+
+    from birdfg.app_state import discover
+
+    fake_set(tmp_path / "sets" / "lite")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    sources, default, notes = discover(tmp_path / "sets", hub_repo="birdfg/never-published")
+    assert default == "lite" and "birdfg/never-published" in notes[0] and "using the local set `lite`" in notes[0]
+
+    # A set downloaded earlier sits in the hub cache: offline, it is used from there.
+    repo = tmp_path / "hub" / "models--birdfg--demo"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for key in KEYS:
+        (snapshot / f"{key}.safetensors").symlink_to(Path(app_checkpoints, f"{key}.safetensors").resolve())
+    sources, default, notes = discover(tmp_path / "sets", hub_repo="birdfg/demo")
+    assert default == "hub:birdfg/demo" and sources[0].folder == snapshot and not notes
+
+
+def test_sets_load_once_and_at_most_max_loaded_stay(app_checkpoints, tmp_path):
+    from birdfg.app_state import ModelSets, ResultCache, discover
+
+    root = app_server.sets_root(app_checkpoints, tmp_path)
+    sets = ModelSets(*discover(root), max_loaded=1)
+    cache = ResultCache()
+    sets.on_evict.append(cache.drop_set)
+    first = sets.get("lite")
+    assert sets.get("lite") is first  # loaded once, shared
+    cache.put("session-a", "lite", object())
+    second = sets.get("lite-copy")
+    assert second is not first and cache.get("session-a", "lite") is None  # evicted with its results
+    assert list(sets._loaded) == ["lite-copy"]
+
+
+def test_result_cache_is_a_small_lru_per_session():
+    from birdfg.app_state import ResultCache
+
+    cache = ResultCache(capacity=2)
+    cache.put("a", "lite", "A")
+    cache.put("b", "lite", "B")
+    assert cache.get("a", "lite") == "A"  # a is now the most recent
+    cache.put("c", "lite", "C")
+    assert cache.get("b", "lite") is None and cache.get("a", "lite") == "A" and len(cache) == 2
+    assert cache.get("a", "full") is None  # a result belongs to the set that made it
+
+
+def test_models_tab_reads_the_stored_report(tmp_path, app_checkpoints):
+    from birdfg.app_state import read_report
+    from birdfg.checkpoints import load_set
+
+    folder = tmp_path / "lite"
+    folder.mkdir()
+    for key in KEYS:
+        shutil.copy(Path(app_checkpoints, f"{key}.safetensors"), folder)
+    models = load_set(folder).models
+    empty = read_report(folder, models)
+    assert "No evaluation report" in empty.summary and "--pointing-game" in empty.summary
+    assert not empty.per_class_rows and not empty.confusion
+
+    classes = models["cnn"].classes
+    entry = {"accuracy": 0.5, "correct": 1, "total": 2, "per_class": {c: 0.5 for c in classes},
+             "pointing_game": 0.75, "pointing_total": 4}
+    (folder / "report").mkdir()
+    (folder / "report" / "evaluation_val.json").write_text(json.dumps(
+        {**{k: entry for k in (*KEYS, "ensemble")}, "_meta": {"split": "val", "data": "birds"}}))
+    Image.new("RGB", (40, 40)).save(folder / "report" / "cnn_confusion_val.png")
+    report = read_report(folder, models)
+    assert "75.0% of 4" in report.summary and "50.0% (1/2)" in report.summary
+    assert report.per_class_headers[0] == "species" and len(report.per_class_headers) == 5
+    assert len(report.per_class_rows) == len(classes)
+    assert [caption for _, caption in report.confusion] == [models["cnn"].display_name]
+
+
+def test_examples_take_one_photo_per_class_folder(tmp_path):
+    from birdfg.app_state import find_examples
+
+    for label, name in enumerate(("001.A", "002.B", "003.C")):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            synthetic_photo(label, i).save(tmp_path / name / f"{i}.jpg")
+    (tmp_path / "readme.txt").write_text("not a photo")
+    picked = find_examples(tmp_path, limit=4)
+    assert [p.parent.name for p in picked[:3]] == ["001.A", "002.B", "003.C"] and len(picked) == 4
+    assert find_examples(tmp_path / "missing") == [] and find_examples(None) == []

@@ -1,0 +1,169 @@
+"""The three explanations on tiny hand-built models, where the right answer is known:
+CAM and the bilinear decomposition are exact sums of the class score, rollout follows the
+attention it is given, and the overlay puts a map where the model looked."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.models.vision_transformer import Block
+
+from birdfg.compare import explanation
+from birdfg.explain import (AttentionRecorder, attention_rollout, class_token_attention, crop_box, normalise,
+                            overlay, peak_location)
+from birdfg.heads import BilinearHead, LinearHead, TransformerHead
+
+torch.manual_seed(0)
+
+
+def planted_fmap(channels: int = 8, size: int = 7, at: tuple[int, int] = (5, 2), channel: int = 3) -> torch.Tensor:
+    """Weak noise everywhere, one strong feature (channel `channel`) at location `at`."""
+    fmap = 0.01 * torch.rand(1, channels, size, size)
+    fmap[0, channel, at[0], at[1]] = 5.0
+    return fmap
+
+
+def argmax2d(heat) -> tuple[int, int]:
+    heat = np.asarray(heat)
+    return tuple(int(v) for v in np.unravel_index(np.argmax(heat), heat.shape))
+
+
+# --- CNN: class activation map ----------------------------------------------------------------
+
+
+def test_cam_peaks_where_the_planted_feature_is():
+    head = LinearHead(8, 3).eval()
+    with torch.no_grad():
+        head.fc.weight.zero_()
+        head.fc.weight[1, 3] = 1.0  # class 1 looks for channel 3
+    heat = explanation(head, planted_fmap(at=(5, 2)), [], class_index=1)
+    assert heat.shape == (7, 7) and argmax2d(heat) == (5, 2)
+
+
+def test_cam_averages_to_the_logit_minus_bias():
+    head = LinearHead(16, 5).eval()
+    fmap = torch.randn(2, 16, 4, 6)
+    logits = head(fmap)
+    maps = head.class_maps(fmap, torch.arange(5))
+    torch.testing.assert_close(maps.mean(dim=(2, 3)) + head.fc.bias, logits)
+
+
+# --- B-CNN: bilinear score decomposed over locations ------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [None, 6])
+def test_bilinear_maps_sum_to_the_class_score_minus_bias(dim):
+    head = BilinearHead(8, 4, dim=dim).eval()
+    fmap = torch.rand(2, 8, 5, 5)
+    with torch.no_grad():
+        logits = head(fmap)
+        maps = head.class_maps(fmap, torch.arange(4))
+    torch.testing.assert_close(maps.sum(dim=(2, 3)) + head.fc.bias, logits, rtol=1e-4, atol=1e-5)
+
+
+def test_bilinear_map_peaks_where_the_planted_pair_is():
+    head = BilinearHead(8, 3, dim=None).eval()
+    with torch.no_grad():
+        head.fc.weight.zero_()
+        head.fc.weight[2].view(8, 8)[3, 3] = 1.0  # class 2 scores channel 3 with itself
+    heat = explanation(head, planted_fmap(at=(1, 6)), [], class_index=2)
+    assert argmax2d(heat) == (1, 6)
+
+
+def test_top_pairs_are_the_largest_contributions_and_add_up():
+    head = BilinearHead(8, 3, dim=None).eval()
+    fmap = torch.rand(1, 8, 4, 4)
+    with torch.no_grad():
+        pairs = head.top_pairs(fmap, cls=0, k=5)
+        total = head.class_maps(fmap, torch.tensor([0])).sum()
+        score = head(fmap)[0, 0] - head.fc.bias[0]
+    values = [v for _, _, v, _ in pairs]
+    assert values == sorted(values, reverse=True)
+    assert all(m.shape == (4, 4) for *_, m in pairs)
+    torch.testing.assert_close(total, score, rtol=1e-4, atol=1e-5)
+
+
+# --- ViT: attention capture and rollout -------------------------------------------------------
+
+
+def test_rollout_of_identity_attention_stays_on_the_class_token():
+    eye = torch.eye(5).expand(1, 2, 5, 5)
+    rollout = attention_rollout([eye, eye, eye])
+    torch.testing.assert_close(rollout, torch.zeros(1, 4))
+
+
+def test_rollout_of_uniform_attention_is_uniform():
+    uniform = torch.full((1, 3, 10, 10), 0.1)
+    rollout = attention_rollout([uniform] * 4)[0]
+    torch.testing.assert_close(rollout, torch.full_like(rollout, float(rollout[0])))
+    assert float(rollout[0]) > 0
+
+
+def test_rollout_follows_attention_through_layers():
+    """Layer 1: patch 2 reads patch 4. Layer 2: the class token reads patch 2. The class
+    token's information came (through patch 2) from patch 4, so both light up, 4 included."""
+    n = 6
+    layer1, layer2 = torch.eye(n), torch.eye(n)
+    layer1[2] = 0.0
+    layer1[2, 4] = 1.0
+    layer2[0] = 0.0
+    layer2[0, 2] = 1.0
+    rollout = attention_rollout([layer1[None, None], layer2[None, None]])[0]  # patches 1..5
+    assert set(torch.topk(rollout, 2).indices.tolist()) == {1, 3}  # patches 2 and 4
+    assert rollout[[0, 2, 4]].abs().max() == 0
+
+
+def test_recorder_captures_softmaxed_attention_without_changing_the_output():
+    torch.manual_seed(1)
+    block = Block(16, num_heads=4, qkv_bias=True).eval()
+    x = torch.randn(2, 1 + 9, 16)
+    with torch.no_grad():
+        fused = block(x)  # timm's fused attention: no matrix to see
+        recorder = AttentionRecorder(block)
+        recorded = block(x)
+    torch.testing.assert_close(recorded, fused, rtol=1e-5, atol=1e-5)
+    (attention,) = recorder.take()
+    assert attention.shape == (2, 4, 10, 10)
+    torch.testing.assert_close(attention.sum(-1), torch.ones(2, 4, 10))
+    assert recorder.take() == []  # take() empties it for the next call
+
+
+def test_transformer_head_explanations_are_grids_and_heads_differ():
+    torch.manual_seed(2)
+    head = TransformerHead(8, 3, grid=4, dim=16, depth=2, heads=4).eval()
+    recorder = AttentionRecorder(head)
+    with torch.no_grad():
+        head(torch.rand(1, 8, 4, 4))
+    attentions = recorder.take()
+    assert len(attentions) == 2
+    rollout = explanation(head, None, attentions, class_index=0)
+    assert rollout.shape == (4, 4) and 0 < rollout.sum() < 1  # the class token keeps the rest
+    mean = explanation(head, None, attentions, 0, layer=1)
+    per_head = [explanation(head, None, attentions, 0, layer=1, head=h) for h in range(4)]
+    np.testing.assert_allclose(mean, np.mean(per_head, axis=0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(per_head[2].ravel(), class_token_attention(attentions[1])[0, 2].numpy())
+    # Attention does not depend on the class asked about.
+    np.testing.assert_array_equal(rollout, explanation(head, None, attentions, class_index=2))
+
+
+# --- drawing ----------------------------------------------------------------------------------
+
+
+def test_overlay_puts_the_hot_spot_where_the_map_peaks():
+    photo = Image.new("RGB", (300, 200), (128, 128, 128))
+    heat = np.zeros((4, 4))
+    heat[3, 0] = 1.0  # bottom-left cell of the centre square
+    box = crop_box(photo.size, {"crop_pct": 1.0})
+    assert box == (50.0, 0.0, 250.0, 200.0)
+    drawn = np.asarray(overlay(photo, heat, box, opacity=1.0)).astype(int)
+    assert drawn.shape == (200, 300, 3)
+    hot, cold = drawn[175, 75], drawn[25, 225]
+    assert hot[0] > hot[2] + 50 and hot[0] > cold[0] + 50  # Turbo: red when hot, dark blue-black when cold
+    assert drawn[100, 10].sum() < 3 * 128  # outside the crop: dimmed photo
+    assert peak_location(heat, box) == (75.0, 175.0)
+
+
+def test_normalise_handles_flat_maps():
+    assert normalise(np.full((3, 3), 7.0)).max() == 0
+    assert normalise(np.array([[1.0, 3.0]])).tolist() == [[0.0, 1.0]]
