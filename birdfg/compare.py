@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from birdfg import speed
+from birdfg.backbones import backbone_cfg
 from birdfg.checkpoints import LoadedModel, ModelSet
 from birdfg.data import build_transform, display_name
 from birdfg.explain import (AttentionRecorder, attention_rollout, class_token_attention, crop_box,
@@ -127,9 +129,15 @@ def explanation(head_module: torch.nn.Module, features: torch.Tensor, attentions
 class Comparator:
     """Runs a model set on photos. Build once at start-up and share: calls from several threads
     are serialised around the forward pass (the attention recorders hold per-call state, and two
-    CPU cores gain nothing from running two passes at once)."""
+    CPU cores gain nothing from running two passes at once).
 
-    def __init__(self, model_set: ModelSet):
+    With `tune` (the default) the models are made faster for inference in place (they belong to
+    the Comparator from then on: channels-last convolutional backbones with BatchNorm folded into
+    the convolutions, see birdfg/speed.py) and one synthetic comparison warms everything up, so
+    that the first visitor does not wait for oneDNN's kernel generation. Answers are the same
+    (top-1 checked against plain fp32 eager by benchmarks/bench_compare.py)."""
+
+    def __init__(self, model_set: ModelSet, tune: bool = True):
         if not model_set.models:
             raise ValueError(f"{model_set.folder}: no usable model ({'; '.join(model_set.errors.values())}).")
         self.model_set = model_set
@@ -139,6 +147,42 @@ class Comparator:
         self.transforms = {k: build_transform(m.preprocess, train=False) for k, m in self.models.items()}
         self.groups = self._group_by_backbone()
         self._lock = threading.Lock()
+        self._channels_last: set[int] = set()  # id() of backbones tuned to take NHWC input
+        self.tuning: dict[str, dict] = {}
+        if tune:
+            self.tuning = self._tune()
+            self.warm_up()
+
+    def _tune(self) -> dict[str, dict]:
+        """Inference settings of each shared backbone (once) and each model's own top stages,
+        keyed "<model key>.backbone" / "<model key>.top"."""
+        speed.limit_threads()
+        tuning: dict[str, dict] = {}
+        shared_out: dict[int, torch.Tensor] = {}  # a backbone's output for the example: its top's input
+        for key, loaded in self.models.items():
+            model = loaded.model
+            feature_map = backbone_cfg(loaded.spec.backbone).features == "map"
+            if id(model.backbone) not in shared_out:
+                example = torch.randn(1, *loaded.preprocess["input_size"], generator=torch.Generator().manual_seed(0))
+                tuning[f"{key}.backbone"] = speed.tune_backbone(model.backbone, example, feature_map)
+                if tuning[f"{key}.backbone"]["channels_last"]:
+                    self._channels_last.add(id(model.backbone))
+                    example = example.contiguous(memory_format=torch.channels_last)
+                with torch.no_grad():
+                    shared_out[id(model.backbone)] = model.shared_features(example)
+            if not isinstance(model.top, torch.nn.Identity):
+                tuning[f"{key}.top"] = speed.tune_backbone(model.top, shared_out[id(model.backbone)], feature_map)
+        return tuning
+
+    def warm_up(self) -> float:
+        """One comparison (maps and overlays too) of a synthetic photo; returns its seconds."""
+        start = time.perf_counter()
+        noise = np.random.default_rng(0).integers(0, 256, (384, 512, 3), dtype=np.uint8)
+        comparison = self.compare(Image.fromarray(noise))
+        for key, result in comparison.results.items():
+            if result.ok:
+                comparison.overlay(key)
+        return time.perf_counter() - start
 
     def _group_by_backbone(self) -> list[list[str]]:
         """Keys whose models share one backbone object and one preprocessing: one pass serves all."""
@@ -185,7 +229,10 @@ class Comparator:
                 self.recorders[key].take()  # drop anything a failed earlier call left behind
             try:
                 x = torch.stack([self.transforms[keys[0]](p) for p in photos])
-                features = self.models[keys[0]].model.features(x)
+                model = self.models[keys[0]].model
+                if id(model.backbone) in self._channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                shared = model.shared_features(x)
             except Exception as exc:  # noqa: BLE001 - one failing model must not take the others down
                 return {k: exc for k in keys}
             shared_ms = (time.perf_counter() - start) * 1000
@@ -193,6 +240,7 @@ class Comparator:
             for key in keys:
                 start = time.perf_counter()
                 try:
+                    features = self.models[key].model.top(shared)  # Identity unless the model trains a top
                     logits = self.models[key].model.head(features)
                     out[key] = BatchOutput(logits.float().softmax(-1), features, self.recorders[key].take())
                 except Exception as exc:  # noqa: BLE001

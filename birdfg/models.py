@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from birdfg.backbones import backbone_cfg, create_backbone, data_config, feature_dim
+from birdfg.backbones import backbone_cfg, create_backbone, data_config, feature_dim, split
 from birdfg.heads import HEADS, grid_size
 
 MODEL_KEYS = ("cnn", "vit", "bcnn")
@@ -31,6 +31,8 @@ class ModelSpec:
     # A frozen backbone is not trained; its weights come from the registry at load time and
     # one copy can serve every model of a set that shares it.
     frozen_backbone: bool = False
+    # With a frozen backbone: the stage from which on each model trains its own copy (None: none).
+    train_from: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -45,22 +47,37 @@ class ModelSpec:
 
 
 class BirdModel(nn.Module):
-    """backbone.forward_features -> head. `features` and `head` are separate so that a shared
-    frozen backbone can run once for several heads."""
+    """backbone -> top -> head. `backbone` is the part a set may share (frozen) or the whole
+    trained backbone; `top` holds the stages a model with a frozen backbone trains on its own
+    (Identity when none). A shared backbone runs once per photo for every model of a set."""
 
-    def __init__(self, spec: ModelSpec, backbone: nn.Module, head: nn.Module):
+    def __init__(self, spec: ModelSpec, backbone: nn.Module, head: nn.Module, top: nn.Module | None = None):
         super().__init__()
         self.spec = spec
         self.backbone = backbone
+        self.top = top if top is not None else nn.Identity()
         self.head = head
         if spec.frozen_backbone:
             self.backbone.requires_grad_(False)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def shared_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_features(x)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The feature map (or tokens) the head sees, and its explanation uses."""
+        return self.top(self.shared_features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+    def tail(self) -> nn.Module:
+        """What trains on cached shared features: top + head."""
+        return nn.Sequential(self.top, self.head)
+
+    def pretrained_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters that start from ImageNet weights (they learn at a lower rate)."""
+        parts = [self.top] if self.spec.frozen_backbone else [self.backbone, self.top]
+        return [p for part in parts for p in part.parameters() if p.requires_grad]
 
     def train(self, mode: bool = True) -> "BirdModel":
         super().train(mode)
@@ -84,12 +101,27 @@ def build(spec: ModelSpec, pretrained: bool = True, backbone: nn.Module | None =
     needs_tokens = spec.head == "token"
     if needs_tokens != (backbone_cfg(spec.backbone).features == "tokens"):
         raise ValueError(f"Head {spec.head!r} does not fit backbone {spec.backbone!r} (feature map vs tokens).")
-    backbone = backbone if backbone is not None else create_backbone(spec.backbone, pretrained, spec.img_size)
-    return BirdModel(spec, backbone, build_head(spec, feature_dim(backbone)))
+    if spec.train_from and not spec.frozen_backbone:
+        raise ValueError("train_from needs frozen_backbone=True (it says which stages stay trainable).")
+    top = None
+    if backbone is None:
+        backbone = create_backbone(spec.backbone, pretrained, spec.img_size)
+        if spec.train_from:
+            backbone, top = split(backbone, spec.backbone, spec.train_from)
+    elif spec.train_from:
+        # A shared trunk is given: this model still needs its own top, with pretrained weights.
+        _, top = split(create_backbone(spec.backbone, pretrained, spec.img_size), spec.backbone, spec.train_from)
+    in_features = feature_dim(top) if top is not None else feature_dim(backbone)
+    return BirdModel(spec, backbone, build_head(spec, in_features), top)
 
 
-def preprocess_config(spec: ModelSpec, backbone: nn.Module) -> dict:
-    return data_config(backbone, spec.img_size)
+def shared_backbone_key(spec: ModelSpec) -> str:
+    """Models whose specs give the same key can share one frozen backbone object."""
+    return f"{spec.backbone}|{spec.train_from or ''}"
+
+
+def preprocess_config(spec: ModelSpec) -> dict:
+    return data_config(spec.backbone, spec.img_size)
 
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -101,14 +133,16 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "bcnn": dict(display_name="B-CNN (ResNet-152)", backbone="resnet152", head="bilinear", img_size=224,
                      head_kwargs={"dim": 512, "dropout": 0.3}),
     },
-    # Offline CPU set: one frozen ImageNet EfficientNet-Lite0 shared by three trained heads.
+    # Offline CPU set: one frozen ImageNet EfficientNet-Lite0 trunk shared by the three models;
+    # each fine-tunes its own copy of the last stage and 1x1 head conv ("blocks.6" on) and its head.
     "lite": {
         "cnn": dict(display_name="EfficientNet-Lite0 CNN", backbone="tf_efficientnet_lite0", head="linear",
-                    img_size=320, frozen_backbone=True, head_kwargs={"dropout": 0.3}),
+                    img_size=320, frozen_backbone=True, train_from="blocks.6", head_kwargs={"dropout": 0.3}),
         "vit": dict(display_name="Hybrid ViT (Lite0 tokens)", backbone="tf_efficientnet_lite0", head="transformer",
-                    img_size=320, frozen_backbone=True, head_kwargs={"dim": 256, "depth": 2, "heads": 4}),
+                    img_size=320, frozen_backbone=True, train_from="blocks.6",
+                    head_kwargs={"dim": 256, "depth": 2, "heads": 4}),
         "bcnn": dict(display_name="B-CNN (Lite0)", backbone="tf_efficientnet_lite0", head="bilinear",
-                     img_size=320, frozen_backbone=True, head_kwargs={"dim": 256, "dropout": 0.3}),
+                     img_size=320, frozen_backbone=True, train_from="blocks.6", head_kwargs={"dim": 256, "dropout": 0.3}),
     },
 }
 

@@ -13,7 +13,7 @@ import torch
 
 from birdfg import checkpoints
 from birdfg.data import DatasetError, check_class_folders, class_names, drop_unreadable, samples
-from birdfg.models import MODEL_KEYS, PRESETS, build, preprocess_config, preset_specs
+from birdfg.models import build, preprocess_config, preset_specs, shared_backbone_key
 from birdfg.training import TrainConfig, build_feature_cache, fit, image_loaders
 
 log = logging.getLogger("birdfg.train")
@@ -39,8 +39,9 @@ def train_set(args: argparse.Namespace, command: str) -> int:
         return 2
     lite = args.preset == "lite"
     cfg = TrainConfig(
-        epochs=args.epochs or (30 if lite else 10), batch_size=args.batch_size,
+        epochs=args.epochs or (15 if lite else 10), batch_size=args.batch_size,
         lr=args.lr or (1e-3 if lite else 3e-4), weight_decay=args.weight_decay, seed=args.seed,
+        backbone_lr_scale=args.backbone_lr_scale or (0.3 if lite else 0.1),
         accelerator=args.accelerator, devices=_devices(args.devices), num_nodes=args.num_nodes,
         strategy=args.strategy, precision=args.precision, logger=args.logger, workers=args.workers,
         resume=args.resume,
@@ -55,20 +56,25 @@ def train_set(args: argparse.Namespace, command: str) -> int:
     total_start = time.perf_counter()
     for key, spec in specs.items():
         print(f"\n== {key}: {spec.display_name} ({spec.backbone} + {spec.head} head) ==", flush=True)
-        backbone = shared_backbones.get(spec.backbone) if spec.frozen_backbone else None
+        shared_key = shared_backbone_key(spec)
+        backbone = shared_backbones.get(shared_key) if spec.frozen_backbone else None
         model = build(spec, pretrained=not args.no_pretrained, backbone=backbone)
         if spec.frozen_backbone:
-            shared_backbones[spec.backbone] = model.backbone
-        preprocess = preprocess_config(spec, model.backbone)
+            shared_backbones[shared_key] = model.backbone
+        preprocess = preprocess_config(spec)
         if spec.frozen_backbone:
-            cache_key = (spec.backbone, spec.img_size)
+            cache_key = (shared_key, spec.img_size)
             if cache_key not in caches:
                 caches[cache_key] = build_feature_cache(model, preprocess, train_items, val_items, args.views,
                                                         args.seed, runs_dir / "cache")
             train_data, val_data = caches[cache_key].train, caches[cache_key].val
         else:
             train_data, val_data = image_loaders(train_items, val_items, preprocess, cfg)
-        result = fit(model, train_data, val_data, cfg, runs_dir / key)
+        try:
+            result = fit(model, train_data, val_data, cfg, runs_dir / key)
+        except checkpoints.CheckpointError as exc:  # --resume found a last.ckpt it must not trust
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         metrics = {"train_acc": result.train_acc, "val_acc": result.val_acc, "split": split_name,
                    "best_epoch": result.best_epoch}
         trained = {"epochs": result.epochs_run, "command": command, "seconds": round(result.seconds, 1),

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from birdfg.checkpoints import CheckpointError
 from birdfg.data import ImageDataset, Sample, build_transform, collate, loader
 from birdfg.models import BirdModel
 
@@ -32,11 +33,13 @@ class BirdTask(L.LightningModule):
     on cached features). AdamW, warm-up + cosine schedule; a trainable backbone learns at
     `backbone_lr_scale` times the head's rate."""
 
-    def __init__(self, net: nn.Module, lr: float = 1e-3, weight_decay: float = 0.05,
-                 label_smoothing: float = 0.1, backbone_lr_scale: float = 0.1, warmup_epochs: int = 1):
+    def __init__(self, net: nn.Module, pretrained: list[nn.Parameter] | None = None, lr: float = 1e-3,
+                 weight_decay: float = 0.05, label_smoothing: float = 0.1, backbone_lr_scale: float = 0.1,
+                 warmup_epochs: int = 1):
         super().__init__()
         self.net = net
-        self.save_hyperparameters(ignore=["net"])
+        self._pretrained_ids = {id(p) for p in pretrained or []}
+        self.save_hyperparameters(ignore=["net", "pretrained"])
         self.history: list[dict] = []
         self._counts = {"train": [0, 0], "val": [0, 0]}  # correct, total for the epoch's history row
 
@@ -82,12 +85,10 @@ class BirdTask(L.LightningModule):
         self.history = checkpoint.get("birdfg_history", [])
 
     def configure_optimizers(self):
-        backbone = getattr(self.net, "backbone", None)
-        backbone_params = {id(p) for p in backbone.parameters()} if backbone is not None else set()
         trainable = [p for p in self.net.parameters() if p.requires_grad]
         groups = [
-            {"params": [p for p in trainable if id(p) not in backbone_params], "lr": self.hparams.lr},
-            {"params": [p for p in trainable if id(p) in backbone_params],
+            {"params": [p for p in trainable if id(p) not in self._pretrained_ids], "lr": self.hparams.lr},
+            {"params": [p for p in trainable if id(p) in self._pretrained_ids],
              "lr": self.hparams.lr * self.hparams.backbone_lr_scale},
         ]
         optimiser = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=self.hparams.weight_decay)
@@ -146,7 +147,7 @@ def _extract(model: BirdModel, dataset: ImageDataset, batch_size: int, desc: str
         if batch is None:
             continue
         x, y, idx = batch
-        out = model.features(x.to(memory_format=torch.channels_last)).to(torch.float16)
+        out = model.shared_features(x.to(memory_format=torch.channels_last)).to(torch.float16)
         if feats.numel() == 0:
             feats = torch.zeros((len(dataset), *out.shape[1:]), dtype=torch.float16)
         feats[idx] = out
@@ -197,6 +198,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.05
+    backbone_lr_scale: float = 0.1
     seed: int = 0
     accelerator: str = "auto"
     devices: str | int = "auto"
@@ -245,10 +247,12 @@ def fit(model: BirdModel, train_data, val_data, cfg: TrainConfig, run_dir: Path)
     best weights in `model`."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     on_features = isinstance(train_data, FeatureViews)
-    net = model.head if on_features else model
+    net = model.tail() if on_features else model
     if not on_features:
         model.to(memory_format=torch.channels_last)
-    task = BirdTask(net, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    task = BirdTask(net, model.pretrained_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                    backbone_lr_scale=cfg.backbone_lr_scale)
+    task.train()  # Lightning keeps each module's mode; feature caching left the model in eval mode
     if on_features:
         train_dl = DataLoader(train_data, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_data) > cfg.batch_size)
         val_dl = DataLoader(val_data, batch_size=256)
@@ -261,7 +265,7 @@ def fit(model: BirdModel, train_data, val_data, cfg: TrainConfig, run_dir: Path)
     trainer = L.Trainer(
         max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
         strategy=cfg.strategy, precision=precision, callbacks=[checkpoint],
-        logger=make_logger(cfg.logger, run_dir.parent, run_dir.name), default_root_dir=run_dir,
+        logger=make_logger(cfg.logger, run_dir.parent / "logs", run_dir.name), default_root_dir=run_dir,
         log_every_n_steps=5, num_sanity_val_steps=0, enable_model_summary=False, deterministic=False,
     )
     last = run_dir / "last.ckpt"
@@ -269,16 +273,33 @@ def fit(model: BirdModel, train_data, val_data, cfg: TrainConfig, run_dir: Path)
     if cfg.resume and ckpt_path is None:
         log.warning("--resume: no %s yet, starting this model from scratch", last)
     start = time.perf_counter()
-    trainer.fit(task, train_dl, val_dl, ckpt_path=ckpt_path)
+    if ckpt_path is not None:
+        check_resumable(last)
+    # weights_only: Lightning checkpoints are pickles; tensors and plain data only, never code.
+    trainer.fit(task, train_dl, val_dl, ckpt_path=ckpt_path, weights_only=True)
     seconds = time.perf_counter() - start
     best_path = checkpoint.best_model_path or str(last)
-    # Our own run's checkpoint (Lightning writes pickles); never a downloaded file.
-    state = torch.load(best_path, map_location="cpu", weights_only=False)
+    # This run's own checkpoint, but a pickle all the same: tensors and plain data only.
+    state = torch.load(best_path, map_location="cpu", weights_only=True)
     task.load_state_dict(state["state_dict"])
     history = task.history
     best = max(history, key=lambda h: h.get("val_acc", -1)) if history else {}
     return TrainResult(best.get("train_acc", float("nan")), best.get("val_acc", float("nan")),
                        best.get("epoch", -1), trainer.current_epoch, seconds)
+
+
+def check_resumable(path: Path) -> None:
+    """`--resume` reads a run folder's last.ckpt, which may be a file this run never wrote (copied
+    in, planted, or cut short by a full disk). Lightning checkpoints are pickles, so it is read
+    with weights_only=True (tensors and plain data, never code); a file that fails that is
+    refused with what to do, before any training starts."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError (foreign objects), RuntimeError (damaged zip), ...
+        raise CheckpointError(
+            f"{path}: cannot resume from it ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
+            "It is not a checkpoint a birdfg run wrote, or it is damaged: delete it, or run without --resume."
+        ) from exc
 
 
 def image_loaders(train: list[Sample], val: list[Sample], preprocess: dict, cfg: TrainConfig):

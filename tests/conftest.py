@@ -76,7 +76,7 @@ def export_lite_set(folder: Path, classes: list[str], seed: int = 0) -> Path:
         model = build(spec, pretrained=True, backbone=shared)
         shared = model.backbone
         checkpoints.export(model.eval(), folder / f"{key}.safetensors", classes,
-                           preprocess_config(spec, model.backbone), {"train_acc": 0.0, "val_acc": 0.0},
+                           preprocess_config(spec), {"train_acc": 0.0, "val_acc": 0.0},
                            {"epochs": 0, "command": "tests/conftest.py export_lite_set"})
     return folder
 

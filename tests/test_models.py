@@ -69,7 +69,7 @@ def test_lite0_pip_weights_reproduce_imagenet_predictions():
     from PIL import Image
 
     model = imagenet_classifier("tf_efficientnet_lite0")
-    x = build_transform(data_config(model, 224), train=False)(Image.fromarray(skimage_data.coffee()))
+    x = build_transform(data_config("tf_efficientnet_lite0", 224), train=False)(Image.fromarray(skimage_data.coffee()))
     with torch.inference_mode():
         probs = model(x[None]).softmax(-1)[0]
     assert int(probs.argmax()) == 967
@@ -77,8 +77,8 @@ def test_lite0_pip_weights_reproduce_imagenet_predictions():
 
 
 def test_preprocessing_comes_from_the_backbone():
-    cfg = data_config(create_backbone("tf_efficientnet_lite0", pretrained=False), 320)
+    cfg = data_config("tf_efficientnet_lite0", 320)
     assert cfg["input_size"] == [3, 320, 320]
     assert cfg["mean"] == pytest.approx([0.5, 0.5, 0.5])  # Lite0 was trained on [-1, 1] inputs
-    cfg = data_config(create_backbone("resnet18", pretrained=False), 224)
+    cfg = data_config("resnet152", 224)
     assert cfg["mean"] == pytest.approx([0.485, 0.456, 0.406], abs=1e-3)
