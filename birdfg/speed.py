@@ -1,0 +1,146 @@
+"""Inference settings for a small CPU (a free Hugging Face Space has 2 vCPUs).
+
+Kept here are only the settings that were measured to pay on such a machine and that leave the
+answers alone (benchmarks/bench_compare.py checks top-1 agreement with plain fp32 eager models
+on every val photo); benchmarks/README.md lists what was tried and what each one gave.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def usable_cpus() -> int:
+    """CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota. A
+    container limited to 2 CPUs by quota still *sees* every host core, and one torch thread per
+    host core on 2 CPUs' worth of time makes oneDNN's threads wait on each other (measured here:
+    5x slower with 2 threads on a busy 2-core machine than with 1)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    return max(1, min(cpus, quota)) if quota else cpus
+
+
+def _cgroup_quota() -> int | None:
+    try:  # cgroup v2: "max 100000" or "200000 100000"
+        limit, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return math.ceil(int(limit) / int(period)) if limit != "max" else None
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1
+        limit = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return math.ceil(limit / period) if limit > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """One intra-op thread per usable CPU (or `threads`, or $BIRDFG_THREADS); returns the count."""
+    if threads is None:
+        threads = int(os.environ.get("BIRDFG_THREADS", "0") or 0) or usable_cpus()
+    torch.set_num_threads(max(1, threads))
+    return torch.get_num_threads()
+
+
+def tune_backbone(backbone: nn.Module, example: torch.Tensor, feature_map: bool) -> dict[str, int | bool]:
+    """Make a convolutional backbone (or a model's own top stages: anything with
+    `forward_features`) faster for inference, in place; a ViT is left alone.
+
+    - channels-last (NHWC) memory format: oneDNN's convolutions, the depthwise ones above all,
+      run faster on it, with the same arithmetic;
+    - BatchNorm folded into the convolution before it (exact algebra; float rounding differs in
+      the last bits): one pass less over every activation.
+    `example` is one input batch of the right size, used to find the conv -> BN pairs and to
+    check the folded model against the original."""
+    if not feature_map:
+        return {"channels_last": False, "folded_batchnorms": 0}
+    backbone.to(memory_format=torch.channels_last)
+    example = example.contiguous(memory_format=torch.channels_last)
+    folded = fold_batchnorm(backbone, example, backbone.forward_features)
+    backbone.to(memory_format=torch.channels_last)  # the folded weights are new tensors
+    return {"channels_last": True, "folded_batchnorms": folded}
+
+
+def _bn_replacement(bn: nn.Module) -> nn.Module | None:
+    """What is left of a BatchNorm once its affine map lives in the convolution before it."""
+    from timm.layers import BatchNormAct2d
+
+    if type(bn) is nn.BatchNorm2d:
+        return nn.Identity()
+    if type(bn) is BatchNormAct2d:  # timm's BN + activation in one module: keep the activation
+        kept = [m for m in (bn.drop, bn.act) if not isinstance(m, nn.Identity)]
+        return nn.Sequential(*kept) if len(kept) > 1 else (kept[0] if kept else nn.Identity())
+    return None
+
+
+@torch.no_grad()
+def fold_batchnorm(module: nn.Module, example: torch.Tensor, forward=None, rtol: float = 1e-3) -> int:
+    """Fold every eval-mode BatchNorm that directly consumes a convolution's output into that
+    convolution (s * conv(x; W, b) + t = conv(x; s W, s b + t)). Which BN follows which
+    convolution is read from one forward of `example` through `forward` (default: `module`); the
+    folded output is checked against the original and the folding undone if they differ.
+    Returns the number of BatchNorms folded."""
+    forward = forward or module
+    if not any(isinstance(m, nn.BatchNorm2d) for m in module.modules()):
+        return 0
+    producers: dict[int, tuple[torch.Tensor, nn.Module]] = {}
+    pairs: list[tuple[nn.Conv2d, nn.Module]] = []
+    calls: dict[int, int] = {}
+
+    def after_conv(conv, _inputs, out):
+        calls[id(conv)] = calls.get(id(conv), 0) + 1
+        producers[id(out)] = (out, conv)  # keep the tensor alive so its id stays unique
+
+    def after_bn(bn, inputs, _out):
+        calls[id(bn)] = calls.get(id(bn), 0) + 1
+        found = producers.get(id(inputs[0]))
+        if found is not None and found[0] is inputs[0]:
+            pairs.append((found[1], bn))
+
+    hooks = [m.register_forward_hook(after_conv) for m in module.modules() if isinstance(m, nn.Conv2d)]
+    hooks += [m.register_forward_hook(after_bn) for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    try:
+        reference = forward(example)
+    finally:
+        for h in hooks:
+            h.remove()
+        producers.clear()
+    parents = {id(child): (parent, name) for parent in module.modules() for name, child in parent.named_children()}
+    undo = []
+    for conv, bn in pairs:
+        replacement = _bn_replacement(bn)
+        if (replacement is None or bn.training or bn.running_var is None or calls[id(conv)] != 1
+                or calls[id(bn)] != 1 or id(bn) not in parents):
+            continue  # reused modules or BN variants: leave them as they are
+        scale = (bn.weight if bn.affine else 1) / torch.sqrt(bn.running_var + bn.eps)
+        shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
+        old_weight, old_bias = conv.weight, conv.bias
+        trainable = old_weight.requires_grad
+        conv.weight = nn.Parameter(old_weight * scale.reshape(-1, 1, 1, 1), requires_grad=trainable)
+        conv.bias = nn.Parameter(shift if old_bias is None else old_bias * scale + shift, requires_grad=trainable)
+        parent, name = parents[id(bn)]
+        setattr(parent, name, replacement)
+        undo.append((conv, old_weight, old_bias, parent, name, bn))
+    if undo:
+        folded = forward(example)
+        if not torch.allclose(folded, reference, rtol=rtol, atol=rtol * float(reference.abs().max())):
+            for conv, old_weight, old_bias, parent, name, bn in reversed(undo):
+                conv.weight, conv.bias = old_weight, old_bias
+                setattr(parent, name, bn)
+            return 0
+    return len(undo)
+
+
+def limit_threads() -> int:
+    """Never more torch threads than usable CPUs (a quota-limited container reports the host's
+    cores, and torch would start one thread per core); a lower setting is left as it is."""
+    if torch.get_num_threads() > usable_cpus():
+        torch.set_num_threads(usable_cpus())
+    return torch.get_num_threads()
