@@ -1,0 +1,480 @@
+"""How fast is one comparison on this machine, and how far from what the hardware allows?
+
+    python benchmarks/bench_compare.py --json OUT [--sets lite full] [--repeats 5]
+
+For each model set (lite: the shipped checkpoints/lite, or an exported set with untrained heads
+while it is missing; full: the same three architectures with random weights, exported to a temp
+folder so that they load the way the app loads them) it measures, in one run:
+
+- optimized_ms: median wall time of one comparison as the app does it (Comparator.compare on a
+  photo file + the three overlays), after warm-up;
+- naive_ms: the same answer computed the usual way: each model's own fp32 eager forward, its
+  explanation by pytorch-grad-cam's GradCAM (CNN, B-CNN) or by a second hooked forward for
+  attention rollout (ViT), overlays with grad-cam's show_cam_on_image; no sharing. The top-1 of
+  every model must equal the optimized path's on every timed photo;
+- flop_limit_ms: the forwards' FLOPs (torch.utils.flop_counter; a shared backbone counted once)
+  divided by this machine's fp32 matmul rate measured in the same run; limit_ratio = optimized /
+  limit;
+- batch_ips: photos per second through Comparator.classify, batched and one at a time;
+- agreement: top-1 of the optimized path vs plain fp32 eager models on every val photo;
+- peak_rss_mb and cold start (a fresh process: imports, load, first comparison), and with app.py
+  on the branch api_ms / cold_start_s through gradio_client against `python app.py`.
+
+Timings are medians; the machine's load average is recorded with them because a busy machine
+slows everything (the FLOP limit is measured under the same load, so limit_ratio drifts less).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from birdfg import checkpoints, speed  # noqa: E402
+from birdfg.compare import Comparator  # noqa: E402
+from birdfg.data import build_transform, class_names  # noqa: E402
+from birdfg.explain import attention_rollout  # noqa: E402
+from birdfg.heads import BilinearHead, LinearHead  # noqa: E402
+from birdfg.images import open_rgb  # noqa: E402
+from birdfg.models import MODEL_KEYS, build, preprocess_config, preset_specs  # noqa: E402
+
+DEFAULT_DATA = (ROOT.parent / "shared" / "bird_dataset").resolve()
+SHIPPED_LITE = ROOT / "checkpoints" / "lite"
+
+
+# --- timing helpers --------------------------------------------------------------------------------
+
+def median_ms(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
+    """Median wall time of fn(i) over `repeats` calls after `warmup` calls, in ms (and all times)."""
+    for i in range(warmup):
+        fn(i)
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        fn(i)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times), times
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 7) -> float:
+    """This machine's fp32 matmul rate now (GFLOP/s): the yardstick of the FLOP limit."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    ms, _ = median_ms(lambda _: a @ b, repeats, warmup=2)
+    return 2 * n ** 3 / (ms / 1000) / 1e9
+
+
+def load_average() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+# --- model sets ------------------------------------------------------------------------------------
+
+def export_set(preset: str, folder: Path, classes: list[str], seed: int = 0) -> Path:
+    """A real set on disk, as train.py would write it: lite = pretrained Lite0 backbone (pip
+    package) + untrained heads; full = random weights everywhere (`--no-pretrained`)."""
+    torch.manual_seed(seed)
+    shared = None
+    for key, spec in preset_specs(preset, len(classes)).items():
+        if spec.frozen_backbone:
+            model = build(spec, pretrained=True, backbone=shared)
+            shared = model.backbone
+        else:
+            model = build(spec, pretrained=False)
+        checkpoints.export(model.eval(), folder / f"{key}.safetensors", classes, preprocess_config(spec),
+                           {"train_acc": 0.0, "val_acc": 0.0},
+                           {"epochs": 0, "command": f"benchmarks/bench_compare.py ({preset}, untrained)"})
+    return folder
+
+
+def lite_folder(args, classes: list[str], tmp: Path) -> tuple[Path, str]:
+    if all((args.lite_checkpoints / f"{k}.safetensors").exists() for k in MODEL_KEYS):
+        return args.lite_checkpoints, f"shipped weights ({args.lite_checkpoints})"
+    print(f"{args.lite_checkpoints} is not complete: benchmarking an exported lite set with untrained heads")
+    return export_set("lite", tmp / "lite", classes), "untrained heads (checkpoints/lite missing)"
+
+
+# --- the naive path --------------------------------------------------------------------------------
+
+def last_feature_layer(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose output is the feature map the head sees: the last of the model's own top
+    stages, else the backbone's last feature module (timm's feature_info)."""
+    if not isinstance(model.top, torch.nn.Identity):
+        return list(model.top.children())[-1]
+    return model.backbone.get_submodule(model.backbone.feature_info[-1]["module"])
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from timm.models.vision_transformer import Attention
+
+    return [m for m in model.modules() if isinstance(m, Attention)]
+
+
+class NaiveModel:
+    """One model as a tutorial would run it: its own copy of everything, fp32, eager, every
+    parameter trainable (GradCAM needs gradients), no shared backbone, no reuse between the
+    prediction and the explanation."""
+
+    def __init__(self, path: Path):
+        from pytorch_grad_cam import GradCAM
+
+        loaded = checkpoints.load(path)  # no shared_backbones: a private backbone copy
+        self.key = loaded.spec.key
+        self.model = loaded.model.eval().requires_grad_(True)
+        self.transform = build_transform(loaded.preprocess, train=False)
+        size = loaded.preprocess["input_size"][-1]
+        self.crop = build_transform({**loaded.preprocess, "mean": [0, 0, 0], "std": [1, 1, 1]}, train=False)
+        self.size = size
+        head = self.model.head
+        self.cam = None
+        if isinstance(head, LinearHead):
+            self.cam = GradCAM(model=self.model, target_layers=[last_feature_layer(self.model)])
+        elif isinstance(head, BilinearHead):
+            self.cam = GradCAM(model=self.model, target_layers=[head.reduce])  # before bilinear pooling
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(x).softmax(-1)
+
+    def rollout(self, x: torch.Tensor) -> np.ndarray:
+        """A second forward with hooks that keep each layer's attention (unfused), then rollout."""
+        attentions: list[torch.Tensor] = []
+        layers = attention_modules(self.model)
+        hooks = [m.attn_drop.register_forward_hook(lambda _m, _i, out: attentions.append(out.detach()))
+                 for m in layers]
+        fused = [m.fused_attn for m in layers]
+        try:
+            for m in layers:
+                m.fused_attn = False
+            with torch.no_grad():
+                self.model(x)
+        finally:
+            for m, f in zip(layers, fused):
+                m.fused_attn = f
+            for h in hooks:
+                h.remove()
+        heat = attention_rollout(attentions)[0]
+        side = int(round(heat.numel() ** 0.5))
+        return heat.reshape(side, -1).numpy()
+
+    def explain(self, x: torch.Tensor, top1: int) -> np.ndarray:
+        import cv2
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        if self.cam is not None:
+            return self.cam(input_tensor=x, targets=[ClassifierOutputTarget(top1)])[0]
+        heat = cv2.resize(self.rollout(x), (self.size, self.size))
+        return (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-12)
+
+    def run(self, photo_path: Path) -> tuple[int, np.ndarray]:
+        """Prediction + explanation + overlay of one photo file; returns (top-1, overlay)."""
+        from pytorch_grad_cam.utils.image import show_cam_on_image
+
+        img = Image.open(photo_path).convert("RGB")
+        x = self.transform(img)[None]
+        top1 = int(self.predict(x).argmax(-1))
+        mask = self.explain(x, top1)
+        rgb = self.crop(img).permute(1, 2, 0).numpy().clip(0, 1).astype(np.float32)
+        return top1, show_cam_on_image(rgb, mask, use_rgb=True)
+
+
+# --- measurements ----------------------------------------------------------------------------------
+
+def app_like(comparator: Comparator, photo: Path):
+    """One comparison as the app serves it: predictions + maps + the three overlays."""
+    comparison = comparator.compare(photo)
+    overlays = [comparison.overlay(k) for k, r in comparison.results.items() if r.ok]
+    return comparison, overlays
+
+
+def forward_flops(comparator: Comparator) -> dict[str, float]:
+    """GFLOPs of each model's forward for one photo as the comparison runs them: a shared
+    backbone counted once (with the first model of its group), then each model's top and head."""
+    flops = {}
+    for keys in comparator.groups:
+        first = comparator.models[keys[0]].model
+        x = torch.zeros(1, *comparator.models[keys[0]].preprocess["input_size"])
+        with torch.inference_mode():
+            with FlopCounterMode(display=False) as counter:
+                shared = first.shared_features(x)
+            shared_flops = counter.get_total_flops()
+            for i, key in enumerate(keys):
+                model = comparator.models[key].model
+                with FlopCounterMode(display=False) as counter:
+                    model.head(model.top(shared))
+                flops[key] = (counter.get_total_flops() + (shared_flops if i == 0 else 0)) / 1e9
+        for recorder in comparator.recorders.values():
+            recorder.take()
+    return flops
+
+
+def batch_rate(comparator: Comparator, photos: list[Image.Image], batch_size: int) -> dict:
+    """Images per second through Comparator.classify: one at a time vs in batches."""
+    comparator.classify(photos[:1])
+    comparator.classify(photos[:batch_size])
+    start = time.perf_counter()
+    for p in photos:
+        comparator.classify([p])
+    single = len(photos) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for i in range(0, len(photos), batch_size):
+        comparator.classify(photos[i:i + batch_size])
+    batched = len(photos) / (time.perf_counter() - start)
+    return {"photos": len(photos), "batch_size": batch_size, "one_at_a_time_ips": round(single, 2),
+            "batched_ips": round(batched, 2), "ratio": round(batched / single, 2)}
+
+
+def agreement(comparator: Comparator, naive: dict[str, NaiveModel], items: list[tuple[Path, int]]) -> dict:
+    """Top-1 of the optimized path (one photo at a time, as the app runs) against the plain fp32
+    eager models, on the same decoded photos."""
+    same = {k: 0 for k in naive}
+    correct = {k: 0 for k in naive}
+    for path, label in items:
+        photo = open_rgb(path)
+        optimized = comparator.classify([photo])
+        for key, model in naive.items():
+            ref = int(model.predict(model.transform(photo)[None]).argmax(-1))
+            top1 = int(optimized[key].argmax(-1))
+            same[key] += top1 == ref
+            correct[key] += top1 == label
+    n = len(items)
+    return {"photos": n, "ratio": round(sum(same.values()) / (n * len(naive)), 4),
+            "per_model": {k: round(v / n, 4) for k, v in same.items()},
+            "val_accuracy": {k: round(v / n, 4) for k, v in correct.items()}}
+
+
+def fresh_process_probe(folder: Path, photo: Path) -> dict:
+    """A new Python process: imports, loads the set, answers one comparison; its peak RSS and
+    how long that took from process start."""
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, __file__, "--probe", str(folder), str(photo)], capture_output=True,
+                         text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    wall = time.perf_counter() - start
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"cold_start_inprocess_s": round(wall, 2), **result}
+
+
+def probe_main(folder: str, photo: str) -> None:
+    start = time.perf_counter()
+    comparator = Comparator(checkpoints.load_set(Path(folder)))
+    loaded = time.perf_counter()
+    app_like(comparator, Path(photo))
+    done = time.perf_counter()
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"load_s": round(loaded - start, 2), "first_compare_s": round(done - loaded, 2),
+                      "peak_rss_mb": round(peak_kb / 1024, 1)}))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def app_process(folder: Path, timeout: float = 300):
+    """`python app.py --checkpoints FOLDER` on a free local port; yields (url, start time)."""
+    port = free_port()
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1", "PYTHONUNBUFFERED": "1"}
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--checkpoints", str(folder)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    url: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            found = re.search(r"(https?://[\w.\-]+:\d+)", line)
+            if found and not url:
+                url.append(found.group(1))
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        if not ready.wait(timeout) or not url:
+            raise RuntimeError(f"app.py did not start within {timeout:.0f} s:\n{''.join(lines[-20:])}")
+        yield url[0], start, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def api_timings(folder: Path, photos: list[Path], repeats: int) -> dict:
+    """Cold start (process start to the first answered /compare) and the median /compare round
+    trip through gradio_client."""
+    from gradio_client import Client, handle_file
+
+    with app_process(folder) as (url, start, proc):
+        client = None
+        while client is None:  # the URL is printed just before the server accepts connections
+            try:
+                client = Client(url, verbose=False)
+            except Exception:  # noqa: BLE001 - not up yet
+                if time.perf_counter() - start > 300:
+                    raise
+                time.sleep(0.2)
+        client.predict(handle_file(str(photos[0])), api_name="/compare")
+        cold = time.perf_counter() - start
+        ms, times = median_ms(lambda i: client.predict(handle_file(str(photos[i % len(photos)])), api_name="/compare"),
+                              repeats)
+        rss = _vm_hwm_mb(proc.pid)
+    return {"cold_start_s": round(cold, 2), "api_ms": round(ms, 1), "api_times_ms": [round(t, 1) for t in times],
+            "app_peak_rss_mb": rss}
+
+
+def _vm_hwm_mb(pid: int) -> float | None:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    found = re.search(r"VmHWM:\s+(\d+) kB", text)
+    return round(int(found.group(1)) / 1024, 1) if found else None
+
+
+def bench_set(name: str, folder: Path, source: str, args, timing_photos: list[Path],
+              val_items: list[tuple[Path, int]], gflops: float) -> dict:
+    print(f"\n== {name}: {folder} ({source}) ==", flush=True)
+    result: dict = {"checkpoints": str(folder), "weights": source}
+    repeats = args.repeats
+
+    result.update(fresh_process_probe(folder, timing_photos[0]))
+    print(f"fresh process: {result}", flush=True)
+    if (ROOT / "app.py").exists() and not args.no_app:
+        try:
+            result.update(api_timings(folder, timing_photos, repeats))
+        except Exception as exc:  # noqa: BLE001 - record why, keep the rest of the run
+            result.update({"cold_start_s": None, "api_ms": None, "api_error": f"{type(exc).__name__}: {exc}"})
+    else:
+        why = "app.py is not on this branch yet" if not (ROOT / "app.py").exists() else "--no-app"
+        result.update({"cold_start_s": None, "api_ms": None, "api_error": why})
+
+    comparator = Comparator(checkpoints.load_set(folder))
+    keys = list(comparator.models)
+    optimized_top1: dict[int, dict[str, int]] = {}
+
+    def optimized(i: int) -> None:
+        comparison, _ = app_like(comparator, timing_photos[i % len(timing_photos)])
+        optimized_top1[i % len(timing_photos)] = {k: comparison.predicted(k) for k in keys}
+
+    ms, times = median_ms(optimized, repeats, warmup=2)
+    result.update(optimized_ms=round(ms, 1), optimized_times_ms=[round(t, 1) for t in times])
+    print(f"optimized {ms:.1f} ms {[round(t) for t in times]}", flush=True)
+
+    naive = {k: NaiveModel(folder / f"{k}.safetensors") for k in keys}
+    mismatches = []
+
+    def naive_run(i: int) -> None:
+        j = i % len(timing_photos)
+        for key, model in naive.items():
+            top1, _ = model.run(timing_photos[j])
+            if j in optimized_top1 and optimized_top1[j][key] != top1:
+                mismatches.append((timing_photos[j].name, key, optimized_top1[j][key], top1))
+
+    naive_ms, times = median_ms(naive_run, repeats, warmup=1)
+    if mismatches:
+        raise AssertionError(f"{name}: naive and optimized top-1 differ: {mismatches}")
+    result.update(naive_ms=round(naive_ms, 1), naive_times_ms=[round(t, 1) for t in times],
+                  speedup=round(naive_ms / ms, 2))
+    print(f"naive {naive_ms:.1f} ms -> speedup {naive_ms / ms:.2f}", flush=True)
+
+    flops = forward_flops(comparator)
+    limit = sum(flops.values()) / gflops * 1000
+    result.update(gflops=({k: round(v, 2) for k, v in flops.items()}), flop_limit_ms=round(limit, 1),
+                  limit_ratio=round(ms / limit, 2))
+    print(f"FLOPs {flops} -> limit {limit:.1f} ms, ratio {ms / limit:.2f}", flush=True)
+
+    batch_photos = [open_rgb(p) for p, _ in val_items[:: max(1, len(val_items) // args.batch_photos)][:args.batch_photos]]
+    result["batch_ips"] = batch_rate(comparator, batch_photos, args.batch_size)
+    print(f"batch {result['batch_ips']}", flush=True)
+
+    agree_items = val_items if args.agreement_photos is None else val_items[:: max(1, len(val_items) // args.agreement_photos)]
+    result["agreement"] = agreement(comparator, naive, agree_items)
+    result["agreement_ratio"] = result["agreement"]["ratio"]
+    print(f"agreement {result['agreement']}", flush=True)
+    result["load_average_end"] = load_average()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", type=Path, required=True, help="write the results here")
+    p.add_argument("--sets", nargs="+", choices=["lite", "full"], default=["lite", "full"])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="bird_dataset folder (val_images/ is used)")
+    p.add_argument("--lite-checkpoints", type=Path, default=SHIPPED_LITE)
+    p.add_argument("--repeats", type=int, default=5, help="timed comparisons per path (median)")
+    p.add_argument("--photos", type=int, default=5, help="distinct val photos the timed runs cycle through")
+    p.add_argument("--batch-photos", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--agreement-photos", type=int, default=None, help="default: every val photo")
+    p.add_argument("--no-app", action="store_true", help="skip the gradio_client measurements")
+    args = p.parse_args(argv)
+
+    threads = speed.configure_threads()
+    val_root = args.data / "val_images"
+    if not val_root.is_dir():
+        print(f"error: {val_root} not found; pass --data pointing at bird_dataset", file=sys.stderr)
+        return 2
+    classes = class_names(args.data)
+    val_items = [(path, label) for label, c in enumerate(classes) for path in sorted((val_root / c).glob("*.jpg"))]
+    step = max(1, len(val_items) // args.photos)
+    timing_photos = [path for path, _ in val_items[::step][:args.photos]]
+
+    started = time.perf_counter()
+    gflops = matmul_gflops()
+    report: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                                "torch_threads": threads, "torch": torch.__version__,
+                                "matmul_fp32_gflops": round(gflops, 1), "load_average_start": load_average()},
+                    "command": " ".join(["python", "benchmarks/bench_compare.py", *(argv or sys.argv[1:])])}
+    print(f"matmul {gflops:.1f} GFLOP/s, load average {load_average()}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench_compare_") as tmp:
+        tmp = Path(tmp)
+        for name in args.sets:
+            if name == "lite":
+                folder, source = lite_folder(args, classes, tmp)
+            else:
+                folder, source = export_set("full", tmp / "full", classes), "random weights (--no-pretrained)"
+            report[name] = bench_set(name, folder, source, args, timing_photos, val_items, gflops)
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2))
+    report["machine"]["load_average_end"] = load_average()
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    args.json.write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: {m: v.get(m) for m in ("optimized_ms", "naive_ms", "speedup", "flop_limit_ms", "limit_ratio",
+                                                    "agreement_ratio", "peak_rss_mb", "cold_start_s", "api_ms")}
+                      for k, v in report.items() if k in ("lite", "full")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--probe":
+        speed.configure_threads()
+        probe_main(sys.argv[2], sys.argv[3])
+        raise SystemExit(0)
+    raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""The inference speed-ups change no answer: a tuned Comparator (channels-last, BatchNorm folded,
+warmed up) gives the same top-1 and the same maps as plain fp32 eager models on real photos, and
+the faster overlay draws the same pixels as the straightforward one. (Timings live in
+benchmarks/bench_compare.py, never here.)"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from birdfg import speed
+from birdfg.checkpoints import load_set
+from birdfg.compare import Comparator
+from birdfg.explain import TURBO, crop_box, normalise, overlay
+
+
+def test_folded_batchnorm_gives_the_same_output():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, groups=8), nn.BatchNorm2d(8)).eval()
+    for bn in (model[1], model[4]):  # non-trivial running statistics
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-1, 1)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+    assert speed.fold_batchnorm(model, x) == 2
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class _ConvUsedTwice(nn.Module):
+    """The convolution's raw output is used after the BN too: folding would be wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_folding_is_undone_when_it_would_change_the_output():
+    torch.manual_seed(0)
+    model = _ConvUsedTwice().eval()
+    model.bn.running_var.fill_(4.0)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    assert speed.fold_batchnorm(model, x) == 0
+    assert isinstance(model.bn, nn.BatchNorm2d)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected)
+
+
+def test_threads_never_exceed_usable_cpus():
+    before = torch.get_num_threads()
+    try:
+        assert 1 <= speed.usable_cpus() <= (len(__import__("os").sched_getaffinity(0)))
+        torch.set_num_threads(speed.usable_cpus() + 3)
+        assert speed.limit_threads() == speed.usable_cpus()
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def photos(bird_data):
+    paths = sorted((bird_data / "val_images").rglob("*.jpg"))
+    return paths[:: max(1, len(paths) // 4)][:4]
+
+
+def test_tuned_comparator_answers_like_plain_fp32_eager(untrained_lite_set, photos):
+    tuned = Comparator(load_set(untrained_lite_set))
+    plain = Comparator(load_set(untrained_lite_set), tune=False)
+    assert any(t["folded_batchnorms"] for t in tuned.tuning.values()), tuned.tuning
+    assert not plain.tuning
+    for photo in photos:
+        fast, slow = tuned.compare(photo), plain.compare(photo)
+        for key in plain.models:
+            assert fast.predicted(key) == slow.predicted(key), (photo.name, key)
+            np.testing.assert_allclose(fast.results[key].probs, slow.results[key].probs, atol=1e-4)
+            heat, reference = fast.class_map(key), slow.class_map(key)
+            np.testing.assert_allclose(heat, reference, atol=1e-3 * float(np.abs(reference).max()) + 1e-6)
+        batch = tuned.classify([Image.open(photo).convert("RGB")])
+        for key in plain.models:
+            assert int(batch[key].argmax(-1)) == slow.predicted(key)
+
+
+def _reference_overlay(image, heat, box, opacity=0.5):
+    """The plain way to draw it: dim everything by blending with black, colour by numpy lookup."""
+    image = image.convert("RGB")
+    left, top, right, bottom = (int(round(v)) for v in box)
+    width, height = max(right - left, 1), max(bottom - top, 1)
+    scaled = Image.fromarray((normalise(heat) * 255).astype(np.uint8)).resize((width, height), Image.Resampling.BICUBIC)
+    coloured = Image.fromarray(TURBO[np.asarray(scaled)])
+    canvas = Image.blend(image, Image.new("RGB", image.size, (0, 0, 0)), 0.35)
+    canvas.paste(image.crop((left, top, right, bottom)), (left, top))
+    region = Image.blend(canvas.crop((left, top, right, bottom)), coloured, float(np.clip(opacity, 0, 1)))
+    canvas.paste(region, (left, top))
+    return canvas
+
+
+@pytest.mark.parametrize("mode,size,crop_pct,opacity", [("RGB", (512, 384), 0.875, 0.5), ("L", (300, 420), 0.95, 0.3),
+                                                         ("RGBA", (64, 64), 1.0, 1.0)])
+def test_fast_overlay_draws_the_same_pixels(mode, size, crop_pct, opacity):
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
+    heat = rng.random((10, 10)).astype(np.float32)
+    box = crop_box(image.size, {"crop_pct": crop_pct})
+    fast = np.asarray(overlay(image, heat, box, opacity))
+    np.testing.assert_array_equal(fast, np.asarray(_reference_overlay(image, heat, box, opacity)))
