@@ -54,7 +54,7 @@ class SetSource:
 
     @property
     def label(self) -> str:
-        return f"{self.name} ({self.folder})" if self.origin == "disk" else self.name
+        return self.name if self.origin == "disk" else f"{self.name} (Hugging Face Hub)"
 
 
 def _holds_models(folder: Path) -> bool:
@@ -396,13 +396,13 @@ def read_report(folder: Path, models: dict[str, LoadedModel]) -> Report:
 
 
 def batch_headers(keys: list[str]) -> list[str]:
-    return ["photo"] + [f"{k} {what}" for k in [*keys, ENSEMBLE_KEY] for what in ("top-1", "conf")]
+    return ["photo"] + [f"{k} {what}" for k in [*keys, ENSEMBLE_KEY] for what in ("top-1", "conf")] + ["note"]
 
 
 def classify_files(comparator: Comparator, paths: list[str | Path], names: list[str] | None = None,
                    batch_size: int = BATCH_SIZE) -> tuple[list[str], list[list]]:
-    """One row per file: each model's top-1 species and probability, and the ensemble's. An
-    unreadable file gets its message instead; a failing model gets 'error: ...' in its cells."""
+    """One row per file: each model's top-1 species and probability, the ensemble's, and a note:
+    why a file is unreadable (its other cells empty), or which model failed on it."""
     keys = list(comparator.models)
     names = names or [Path(p).name for p in paths]
     rows: dict[int, list] = {}
@@ -412,8 +412,9 @@ def classify_files(comparator: Comparator, paths: list[str | Path], names: list[
             try:
                 photos.append(open_rgb(paths[i]))
                 kept.append(i)
-            except ImageError as exc:
-                rows[i] = [names[i], f"unreadable: {exc}", None] + [None] * (2 * len(keys))
+            except ImageError as exc:  # the message without the server-side upload path
+                message = str(exc).replace(str(paths[i]), "").lstrip(": ")
+                rows[i] = [names[i]] + [None] * (2 * len(keys) + 2) + [f"unreadable: {message}"]
         if not photos:
             continue
         probs = comparator.classify(photos)
@@ -423,15 +424,26 @@ def classify_files(comparator: Comparator, paths: list[str | Path], names: list[
             row: list = [names[i]]
             for key in keys:
                 p = probs[key]
-                row += [f"error: {p}", None] if isinstance(p, Exception) else _top1(comparator, p.numpy()[row_in_batch])
-            row += _top1(comparator, ensemble[row_in_batch]) if ensemble is not None else ["no model answered", None]
-            rows[i] = row
+                row += [None, None] if isinstance(p, Exception) else _top1(comparator, p.numpy()[row_in_batch])
+            row += _top1(comparator, ensemble[row_in_batch]) if ensemble is not None else [None, None]
+            failed = [f"{k} failed: {p}" for k, p in probs.items() if isinstance(p, Exception)]
+            rows[i] = row + ["; ".join(failed)]
     return batch_headers(keys), [rows[i] for i in sorted(rows)]
 
 
 def _top1(comparator: Comparator, probs: np.ndarray) -> list:
     i = int(np.argmax(probs))
     return [display_name(comparator.classes[i]), round(float(probs[i]), 4)]
+
+
+def display_table(headers: list[str], rows: list[list]) -> tuple[list[str], list[list]]:
+    """The batch table as shown: one "species (37%)" cell per model (the CSV keeps two columns)."""
+    keys = [h.removesuffix(" top-1") for h in headers[1:-1:2]]
+    shown = []
+    for row in rows:
+        cells = [row[1 + 2 * i: 3 + 2 * i] for i in range(len(keys))]
+        shown.append([row[0]] + [f"{s} ({100 * c:.0f}%)" if s is not None else "" for s, c in cells] + [row[-1]])
+    return ["photo", *keys, "note"], shown
 
 
 def write_csv(headers: list[str], rows: list[list]) -> Path:

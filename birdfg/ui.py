@@ -23,7 +23,7 @@ import pandas as pd
 from birdfg.app_state import (DEFAULT_OPACITY, MAX_BATCH, PREDICTED, ROLLOUT, MEAN_HEADS, ModelSets, ResultCache,
                               SetError, View, agreement, attention_choices, classify_files, map_caption,
                               model_header, read_report, render_overlay, render_pairs, species_choices, top5,
-                              write_csv)
+                              write_csv, display_table)
 from birdfg.compare import Comparator, Comparison
 from birdfg.images import ImageError
 from birdfg.models import ENSEMBLE_KEY, MODEL_KEYS
@@ -186,7 +186,8 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
         except SetError as exc:
             gr.Warning(str(exc))
             return gr.skip(), gr.skip()
-        return pd.DataFrame(rows, columns=headers), str(write_csv(headers, rows))
+        shown_headers, shown = display_table(headers, rows)
+        return pd.DataFrame(shown, columns=shown_headers), str(write_csv(headers, rows))
 
     def forget(request: gr.Request):
         cache.drop(_session(request))
@@ -203,7 +204,8 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
                 gr.Markdown(INTRO, elem_id="intro")
             with gr.Column(scale=2, min_width=240):
                 set_selector = gr.Dropdown(sets.choices, value=sets.default, label="Model set",
-                                           visible=len(sets.choices) > 1, interactive=True)
+                                           visible=len(sets.choices) > 1, interactive=True,
+                                           elem_id="set-selector")
         status = gr.Markdown(_set_status(sets, sets.default, comparator, problem), elem_id="status")
 
         with gr.Tab("Compare"):
@@ -237,12 +239,11 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
                         if key == "vit":
                             with gr.Row():
                                 layer = gr.Dropdown(layers, value=ROLLOUT, label="Attention view", interactive=True,
-                                                    min_width=120)
+                                                    min_width=120, elem_classes=["attention-layer"])
                                 head = gr.Dropdown(heads, value=MEAN_HEADS, label="Head (single layer)",
                                                    interactive=True, min_width=100)
                         if key == "bcnn":
-                            pairs = gr.Gallery(label="Channel pairs that add most to the species", columns=2, rows=2,
-                                               height=280, object_fit="contain", allow_preview=True,
+                            pairs = gr.Gallery(label="Channel pairs that add most to the species", columns=2, height="auto", object_fit="contain", allow_preview=True,
                                                elem_id="pairs")
             with gr.Row(equal_height=True):
                 ensemble = gr.Label(num_top_classes=5, label="Ensemble (mean of the three softmaxes)", scale=2,
@@ -258,10 +259,11 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
                 with gr.Column(scale=1):
                     batch_button = gr.Button("Classify all", variant="primary")
                     batch_csv = gr.File(label="Download CSV", interactive=False)
-            batch_table = gr.Dataframe(label="Results", interactive=False, wrap=True)
+            batch_table = gr.Dataframe(label="Results", interactive=False, wrap=True,
+                                       column_widths=["20%", "15%", "15%", "15%", "15%", "20%"])
 
         with gr.Tab("Models"):
-            report_md = gr.Markdown(report.summary if report else "No model set loaded.")
+            report_md = gr.Markdown(report.summary if report else "No model set loaded.", elem_id="report")
             per_class = gr.Dataframe(_per_class(report), label="Per-class accuracy (val)", interactive=False,
                                      visible=bool(report and report.per_class_rows))
             confusion = gr.Gallery(report.confusion if report else [], label="Confusion matrices (val)", columns=3,
