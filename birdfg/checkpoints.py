@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -111,11 +112,23 @@ def export(model: BirdModel, path: Path, classes: list[str], preprocess: dict, m
         save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in metadata.items()})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is meant to be shared
+        _test_pause(tmp, path)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _test_pause(tmp: str, path: Path) -> None:
+    """Test hook, unset in normal use: with BIRDFG_TEST_PAUSE_EXPORT=<seconds>, wait between writing
+    the new file and renaming it over the old one, so that tests/test_interrupted_training.py can
+    kill the process at the worst moment and check that the old checkpoint survives."""
+    seconds = os.environ.get("BIRDFG_TEST_PAUSE_EXPORT")
+    if seconds:
+        print(f"BIRDFG_TEST_PAUSE_EXPORT: wrote {tmp}, pausing {seconds} s before replacing {path}", flush=True)
+        time.sleep(float(seconds))
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
