@@ -26,8 +26,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, default=Path("checkpoints"))
     p.add_argument("--split-file", type=Path, default=None,
                    help="CSV such as annotations.csv whose cub_split column (train/test) defines the split")
-    p.add_argument("--views", type=int, default=4,
-                   help="frozen backbones: augmented views of each train photo to cache (default 4)")
+    p.add_argument("--views", type=int, default=8,
+                   help="frozen backbones: augmented views of each train photo to cache (default 8)")
+    p.add_argument("--boxes", type=Path, default=None,
+                   help="CSV with bird boxes (annotations.csv format) for zoomed training views; "
+                        "default: DATA/annotations.csv when it exists")
+    p.add_argument("--no-boxes", action="store_true", help="do not use bird boxes")
     p.add_argument("--no-pretrained", action="store_true", help="random backbone weights; downloads nothing")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--force", action="store_true", help="export even if val accuracy is below the existing file's")

@@ -128,13 +128,56 @@ def build_transform(preprocess: dict, train: bool) -> T.Compose:
     return T.Compose([T.Resize(resize, interpolation=interpolation), T.CenterCrop(size), T.ToTensor(), normalise])
 
 
+@dataclass(frozen=True)
+class Box:
+    """A bird's bounding box in the pixels of the original photo (width x height)."""
+
+    x: float
+    y: float
+    w: float
+    h: float
+    width: int
+    height: int
+
+    def scaled_to(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """(left, top, right, bottom) in a copy of the photo resized to `size`."""
+        sx, sy = size[0] / self.width, size[1] / self.height
+        return self.x * sx, self.y * sy, (self.x + self.w) * sx, (self.y + self.h) * sy
+
+
+def read_boxes(annotations: Path) -> dict[Path, Box]:
+    """Bird boxes of annotations.csv (columns path, width, height, bbox_x/y/w/h), keyed by the
+    resolved path of the photo under the dataset folder that holds the CSV."""
+    root = Path(annotations).resolve().parent
+    with open(annotations, newline="") as f:
+        return {
+            root / r["path"]: Box(*(float(r[k]) for k in ("bbox_x", "bbox_y", "bbox_w", "bbox_h")),
+                                  int(r["width"]), int(r["height"]))
+            for r in csv.DictReader(f)
+        }
+
+
+def bird_crop(img: Image.Image, box: Box, generator: torch.Generator | None = None) -> Image.Image:
+    """A square crop around the bird with a random margin (1.2-1.8x its longer side), clipped to
+    the photo: a zoomed-in training view that keeps the bird whole."""
+    left, top, right, bottom = box.scaled_to(img.size)
+    margin = 1.2 + 0.6 * float(torch.rand((), generator=generator))
+    side = max(right - left, bottom - top) * margin
+    cx, cy = (left + right) / 2, (top + bottom) / 2
+    crop = (max(0.0, cx - side / 2), max(0.0, cy - side / 2), min(img.width, cx + side / 2),
+            min(img.height, cy + side / 2))
+    return img.crop(tuple(int(round(v)) for v in crop))
+
+
 class ImageDataset(Dataset):
     """Images with labels; a file that cannot be decoded yields None (dropped by `collate`) and is
-    reported once by name, so one bad file never stops a run."""
+    reported once by name, so one bad file never stops a run. With `boxes`, photos that have a
+    bird box are first cropped around the bird (training views only)."""
 
-    def __init__(self, items: list[Sample], transform):
+    def __init__(self, items: list[Sample], transform, boxes: dict[Path, Box] | None = None):
         self.items = items
         self.transform = transform
+        self.boxes = boxes or {}
         self.bad: set[Path] = set()
 
     def __len__(self) -> int:
@@ -149,6 +192,9 @@ class ImageDataset(Dataset):
                 self.bad.add(item.path)
                 log.warning("skipping unreadable image %s", exc)
             return None
+        box = self.boxes.get(item.path.resolve()) if self.boxes else None
+        if box is not None:
+            img = bird_crop(img, box)
         return self.transform(img), item.label, i
 
 

@@ -7,7 +7,6 @@ checkpoints (`<checkpoints>/report/`), where the app's Models tab reads it.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import sys
@@ -19,7 +18,7 @@ from tqdm.auto import tqdm
 
 from birdfg.checkpoints import load_set
 from birdfg.compare import Comparator, explanation
-from birdfg.data import DatasetError, Sample, display_name, samples
+from birdfg.data import Box, DatasetError, Sample, display_name, read_boxes, samples
 from birdfg.explain import crop_box, peak_location
 from birdfg.images import ImageError, open_rgb
 from birdfg.models import ENSEMBLE_KEY
@@ -29,21 +28,9 @@ REPORT_DIR = "report"
 REPORT_FILE = "evaluation.json"
 
 
-def read_boxes(annotations: Path) -> dict[str, tuple[float, float, float, float, int, int]]:
-    """path -> (x, y, w, h, width, height) from annotations.csv."""
-    boxes = {}
-    with open(annotations, newline="") as f:
-        for row in csv.DictReader(f):
-            boxes[row["path"]] = tuple(float(row[k]) for k in ("bbox_x", "bbox_y", "bbox_w", "bbox_h")) + (
-                int(row["width"]), int(row["height"]))
-    return boxes
-
-
-def _hit(peak: tuple[float, float], box, photo_size: tuple[int, int]) -> bool:
-    x, y, w, h, width, height = box
-    sx, sy = photo_size[0] / width, photo_size[1] / height  # the photo may have been downscaled
-    px, py = peak
-    return x * sx <= px <= (x + w) * sx and y * sy <= py <= (y + h) * sy
+def _hit(peak: tuple[float, float], box: Box, photo_size: tuple[int, int]) -> bool:
+    left, top, right, bottom = box.scaled_to(photo_size)  # the photo may have been downscaled
+    return left <= peak[0] <= right and top <= peak[1] <= bottom
 
 
 def evaluate(comparator: Comparator, items: list[Sample], data_dir: Path, batch_size: int = 16,
@@ -100,12 +87,12 @@ def _pointing(comparator, key, out, batch, photos, data_dir, boxes, tally) -> No
     head = comparator.models[key].model.head
     preprocess = comparator.models[key].preprocess
     for i, (item, photo) in enumerate(zip(batch, photos)):
-        rel = item.path.relative_to(data_dir).as_posix() if item.path.is_relative_to(data_dir) else None
-        if rel not in boxes:
+        box = boxes.get(item.path.resolve())
+        if box is None:
             continue
         heat = explanation(head, out.features[i:i + 1], [a[i:i + 1] for a in out.attentions], item.label)
         peak = peak_location(heat, crop_box(photo.size, preprocess))
-        tally[0] += _hit(peak, boxes[rel], photo.size)
+        tally[0] += _hit(peak, box, photo.size)
         tally[1] += 1
 
 

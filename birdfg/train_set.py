@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from birdfg import checkpoints
-from birdfg.data import DatasetError, check_class_folders, class_names, drop_unreadable, samples
+from birdfg.data import DatasetError, check_class_folders, class_names, drop_unreadable, read_boxes, samples
 from birdfg.models import build, preprocess_config, preset_specs, shared_backbone_key
 from birdfg.training import TrainConfig, build_feature_cache, fit, image_loaders
 
@@ -37,6 +37,7 @@ def train_set(args: argparse.Namespace, command: str) -> int:
         print(f"error: {args.data}: need train and val photos (found {len(train_items)} / {len(val_items)}).",
               file=sys.stderr)
         return 2
+    boxes = _boxes(args)
     lite = args.preset == "lite"
     cfg = TrainConfig(
         epochs=args.epochs or (15 if lite else 10), batch_size=args.batch_size,
@@ -66,7 +67,7 @@ def train_set(args: argparse.Namespace, command: str) -> int:
             cache_key = (shared_key, spec.img_size)
             if cache_key not in caches:
                 caches[cache_key] = build_feature_cache(model, preprocess, train_items, val_items, args.views,
-                                                        args.seed, runs_dir / "cache")
+                                                        args.seed, runs_dir / "cache", boxes=boxes)
             train_data, val_data = caches[cache_key].train, caches[cache_key].val
         else:
             train_data, val_data = image_loaders(train_items, val_items, preprocess, cfg)
@@ -78,7 +79,7 @@ def train_set(args: argparse.Namespace, command: str) -> int:
         metrics = {"train_acc": result.train_acc, "val_acc": result.val_acc, "split": split_name,
                    "best_epoch": result.best_epoch}
         trained = {"epochs": result.epochs_run, "command": command, "seconds": round(result.seconds, 1),
-                   "pretrained": not args.no_pretrained}
+                   "pretrained": not args.no_pretrained, "bird_box_views": bool(boxes and spec.frozen_backbone)}
         status = _export_if_better(model, out_dir / f"{key}.safetensors", classes, preprocess, metrics, trained,
                                    args.force)
         rows.append((key, spec.display_name, result, status))
@@ -87,6 +88,20 @@ def train_set(args: argparse.Namespace, command: str) -> int:
         url = checkpoints.push_set(out_dir, args.push_to_hub, command)
         print(f"published {out_dir} to {url}")
     return 0
+
+
+def _boxes(args: argparse.Namespace) -> dict | None:
+    """Bird boxes for zoomed training views: --boxes CSV, else DATA/annotations.csv when present."""
+    if args.no_boxes:
+        return None
+    path = args.boxes or (args.data / "annotations.csv")
+    if not path.exists():
+        if args.boxes:
+            raise SystemExit(f"error: --boxes {path}: no such file")
+        return None
+    boxes = read_boxes(path)
+    print(f"bird boxes from {path}: {len(boxes)} photos get zoomed-in training views")
+    return boxes
 
 
 def _export_if_better(model, path: Path, classes, preprocess, metrics, trained, force: bool) -> str:

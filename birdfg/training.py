@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from birdfg.checkpoints import CheckpointError
-from birdfg.data import ImageDataset, Sample, build_transform, collate, loader
+from birdfg.data import Box, ImageDataset, Sample, build_transform, collate, loader
 from birdfg.models import BirdModel
 
 log = logging.getLogger(__name__)
@@ -156,11 +156,13 @@ def _extract(model: BirdModel, dataset: ImageDataset, batch_size: int, desc: str
 
 
 def build_feature_cache(model: BirdModel, preprocess: dict, train: list[Sample], val: list[Sample],
-                        views: int, seed: int, cache_dir: Path | None, batch_size: int = 4) -> FeatureCache:
+                        views: int, seed: int, cache_dir: Path | None, batch_size: int = 4,
+                        boxes: dict[Path, Box] | None = None) -> FeatureCache:
     """Run the frozen backbone over `views` augmented copies of every train photo (view 0 is the
-    plain eval transform, the rest random augmentations) and over the val photos once.
+    plain eval transform, the rest random augmentations; with `boxes`, every other one is first
+    cropped around the bird, a zoomed view that teaches detail) and over the val photos once.
     With `cache_dir`, the result is kept as safetensors and reused by a resumed run."""
-    key = _cache_key(model.spec.backbone, preprocess, views, seed, train, val)
+    key = _cache_key(model.spec.backbone + ("+boxes" if boxes else ""), preprocess, views, seed, train, val)
     path = Path(cache_dir) / f"features-{key}.safetensors" if cache_dir else None
     if path is not None and path.exists():
         log.info("reusing cached backbone features %s", path)
@@ -172,7 +174,7 @@ def build_feature_cache(model: BirdModel, preprocess: dict, train: list[Sample],
     model.backbone.to(memory_format=torch.channels_last)
     train_views, labels = [], None
     for v in range(views):
-        ds = ImageDataset(train, build_transform(preprocess, train=v > 0))
+        ds = ImageDataset(train, build_transform(preprocess, train=v > 0), boxes if v % 2 == 0 and v > 0 else None)
         feats, labels = _extract(model, ds, batch_size, f"features: train view {v + 1}/{views}")
         train_views.append(feats)
     val_feats, val_labels = _extract(model, ImageDataset(val, build_transform(preprocess, train=False)),

@@ -98,3 +98,25 @@ def test_large_photos_are_downscaled_and_bad_ones_explained(tmp_path):
     Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
     with pytest.raises(ImageError, match="too small"):
         open_rgb(tmp_path / "dot.png")
+
+
+def test_bird_boxes_give_zoomed_training_views(tiny_dataset, tmp_path):
+    classes = data.class_names(tiny_dataset)
+    items = data.samples(tiny_dataset, "train", classes)[:2]
+    csv_path = tiny_dataset / "annotations.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "width", "height", "bbox_x", "bbox_y", "bbox_w", "bbox_h"])
+        for s in items:
+            w.writerow([s.path.relative_to(tiny_dataset).as_posix(), classes[s.label], 160, 120, 40, 30, 40, 30])
+    try:
+        boxes = data.read_boxes(csv_path)
+        assert set(boxes) == {s.path.resolve() for s in items}
+        box = boxes[items[0].path.resolve()]
+        crop = data.bird_crop(open_rgb(items[0].path), box)
+        # A square around the 40x30 bird, 1.2-1.8 times its longer side, inside the photo.
+        assert 48 <= crop.width <= 72 and crop.width == crop.height
+        ds = data.ImageDataset(items, lambda img: img.size, boxes)
+        assert max(ds[1][0]) <= 72
+    finally:
+        csv_path.unlink()
