@@ -65,7 +65,8 @@ def _complete(folder: Path) -> bool:
     return all((folder / f"{k}.safetensors").exists() for k in MODEL_KEYS)
 
 
-def discover(checkpoints: Path | None = None, hub_repo: str | None = None) -> tuple[list[SetSource], str | None, list[str]]:
+def discover(checkpoints: Path | None = None,
+             hub_repo: str | None = None) -> tuple[list[SetSource], str | None, list[str]]:
     """The sets the app can offer, the default one, and notes for the user (e.g. hub offline).
 
     `checkpoints` is either one set folder or a folder of sets (default: the repository's
@@ -85,8 +86,13 @@ def discover(checkpoints: Path | None = None, hub_repo: str | None = None) -> tu
             sources.insert(0, SetSource(f"hub:{hub_repo}", folder, "hub"))
             default = sources[0].name
         except CheckpointError as exc:
-            fallback = f"the local set `{default}`" if default else "no local set either"
-            notes.append(f"Could not get the Hub set `{hub_repo}` ({exc}); using {fallback}.")
+            log.warning("%s", exc)
+            fallback = f"using the local set `{default}`" if default else "and there is no local set either"
+            from huggingface_hub import constants
+
+            reason = ("offline (HF_HUB_OFFLINE) and not in the local cache" if constants.HF_HUB_OFFLINE
+                      else "not published, private, or no network")
+            notes.append(f"⚠ Could not download the Hub set `{hub_repo}` ({reason}); {fallback}.")
     if not sources:
         notes.append(f"No model checkpoints found in `{root}`: {TRAIN_HINT}.")
     return sources, default, notes
@@ -155,7 +161,7 @@ class ModelSets:
         model_set: ModelSet = load_set(source.folder)
         if not model_set.models:
             problems = "; ".join(model_set.errors.values()) or "no checkpoint files"
-            raise SetError(f"Model set `{source.name}` has no usable model ({problems}). {TRAIN_HINT[0].upper()}{TRAIN_HINT[1:]}.")
+            raise SetError(f"Model set `{source.name}` has no usable model ({problems}); {TRAIN_HINT}.")
         log.info("loaded model set %s (%s) in %.1f s", source.name, ", ".join(model_set.models),
                  time.perf_counter() - start)
         return Comparator(model_set)
@@ -218,7 +224,8 @@ class View:
     def attention_args(self) -> dict:
         if self.layer in (ROLLOUT, "", None):
             return {}
-        return {"layer": int(self.layer) - 1, "head": None if self.head in (MEAN_HEADS, "", None) else int(self.head) - 1}
+        head = None if self.head in (MEAN_HEADS, "", None) else int(self.head) - 1
+        return {"layer": int(self.layer) - 1, "head": head}
 
 
 def species_choices(classes: list[str]) -> list[tuple[str, str]]:
@@ -231,7 +238,8 @@ def class_index(comparison: Comparison, species: str | None) -> int | None:
     return comparison.classes.index(species)
 
 
-def attention_choices(comparator: Comparator | None, key: str = "vit") -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def attention_choices(comparator: Comparator | None,
+                      key: str = "vit") -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """Layer and head selector choices for a model whose attention is recorded."""
     layers: list[tuple[str, str]] = [("Rollout (all layers)", ROLLOUT)]
     heads: list[tuple[str, str]] = [("Mean of heads", MEAN_HEADS)]
@@ -278,11 +286,12 @@ def agreement(comparison: Comparison | None) -> str:
     if not ok:
         return "⚠ No model could classify this photo."
     names = {k: comparison.top(r.probs, 1)[0][0] for k, r in ok.items()}
-    if comparison.agree:
-        return f"✓ **All three agree: {next(iter(names.values()))}.**"
-    said = " · ".join(f"{comparison.results[k].name}: **{n}**" for k, n in names.items())
-    failed = [k for k in comparison.results if k not in ok]
+    failed = [comparison.results[k].name for k in comparison.results if k not in ok]
     tail = f" ({', '.join(failed)} failed)" if failed else ""
+    if len(set(names.values())) == 1:
+        who = {1: "Only one model answered", 3: "All three agree"}.get(len(ok), "The models that answered agree")
+        return f"✓ **{who}: {next(iter(names.values()))}**{tail}."
+    said = " · ".join(f"{comparison.results[k].name}: **{n}**" for k, n in names.items())
     return f"**They disagree** — {said}{tail}. The ensemble averages their probabilities."
 
 
@@ -310,7 +319,8 @@ def render_overlay(comparison: Comparison, key: str, view: View) -> Image.Image 
     return comparison.overlay(key, class_index(comparison, view.species), view.opacity, **extra)
 
 
-def render_pairs(comparison: Comparison | None, view: View, key: str = "bcnn", k: int = 4) -> list[tuple[Image.Image, str]]:
+def render_pairs(comparison: Comparison | None, view: View, key: str = "bcnn",
+                 k: int = 4) -> list[tuple[Image.Image, str]]:
     if comparison is None or key not in comparison.results or not comparison.results[key].ok:
         return []
     pairs = comparison.pair_maps(key, class_index(comparison, view.species), k)
@@ -358,12 +368,14 @@ def read_report(folder: Path, models: dict[str, LoadedModel]) -> Report:
         m, r = models[key], data.get(key, {})
         trained = m.meta.get("trained", {})
         when = f"{str(trained.get('date', '?'))[:10]}, {trained.get('epochs', '?')} epochs"
-        pointing = f"{_percent(r['pointing_game'])} of {r.get('pointing_total', '?')}" if "pointing_game" in r else "—"
+        pointing = (f"{_percent(r['pointing_game'])} of {r.get('pointing_total', '?')}"
+                    if "pointing_game" in r else "—")
         accuracy = f"{_percent(r['accuracy'])} ({r['correct']}/{r['total']})" if "accuracy" in r else "—"
         rows.append(f"| **{m.display_name}** | {_percent(m.val_accuracy)} | {accuracy} | {pointing} | {when} |")
     if ENSEMBLE_KEY in data:
         r = data[ENSEMBLE_KEY]
-        rows.append(f"| **Ensemble** (mean softmax) | — | {_percent(r['accuracy'])} ({r['correct']}/{r['total']}) | — | — |")
+        accuracy = f"{_percent(r['accuracy'])} ({r['correct']}/{r['total']})"
+        rows.append(f"| **Ensemble** (mean softmax) | — | {accuracy} | — | — |")
     parts = ["\n".join(rows)]
     command = (f"`python -m birdfg.evaluate --data ../shared/bird_dataset --checkpoints {folder} --pointing-game`")
     if problem:
@@ -381,7 +393,8 @@ def read_report(folder: Path, models: dict[str, LoadedModel]) -> Report:
         tag = path.stem.removeprefix("evaluation_")
         report_keys = [k for k in [*keys, ENSEMBLE_KEY] if k in data]
         classes = list(data[report_keys[0]]["per_class"]) if report_keys else []
-        report.per_class_headers = ["species"] + [models[k].display_name if k in models else "Ensemble" for k in report_keys]
+        report.per_class_headers = ["species"] + [models[k].display_name if k in models else "Ensemble"
+                                                  for k in report_keys]
         report.per_class_rows = [
             [display_name(c)] + [_percent(data[k]["per_class"].get(c)) for k in report_keys] for c in classes
         ]
@@ -446,14 +459,19 @@ def display_table(headers: list[str], rows: list[list]) -> tuple[list[str], list
     return ["photo", *keys, "note"], shown
 
 
-def write_csv(headers: list[str], rows: list[list]) -> Path:
-    folder = Path(tempfile.mkdtemp(prefix="birdfg_batch_"))
-    path = folder / f"birdfg_batch_{time.strftime('%Y%m%d-%H%M%S')}.csv"
-    with open(path, "w", newline="") as f:
+def write_csv(headers: list[str], rows: list[list], keep_s: float = 3600) -> Path:
+    """Write the batch CSV for download; CSVs older than `keep_s` are removed as new ones come."""
+    folder = Path(tempfile.gettempdir()) / "birdfg_batch"
+    folder.mkdir(exist_ok=True)
+    for old in folder.glob("*.csv"):
+        if time.time() - old.stat().st_mtime > keep_s:
+            old.unlink(missing_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f"birdfg_batch_{time.strftime('%Y%m%d-%H%M%S')}_", suffix=".csv", dir=folder)
+    with open(fd, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(headers)
         writer.writerows(rows)
-    return path
+    return Path(name)
 
 
 def find_examples(folder: Path | None, limit: int = 12) -> list[Path]:

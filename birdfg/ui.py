@@ -20,10 +20,10 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from birdfg.app_state import (DEFAULT_OPACITY, MAX_BATCH, PREDICTED, ROLLOUT, MEAN_HEADS, ModelSets, ResultCache,
-                              SetError, View, agreement, attention_choices, classify_files, map_caption,
-                              model_header, read_report, render_overlay, render_pairs, species_choices, top5,
-                              write_csv, display_table)
+from birdfg.app_state import (DEFAULT_OPACITY, MAX_BATCH, MEAN_HEADS, PREDICTED, ROLLOUT, ModelSets, ResultCache,
+                              SetError, View, agreement, attention_choices, classify_files, display_table,
+                              find_examples, map_caption, model_header, read_report, render_overlay, render_pairs,
+                              species_choices, top5, write_csv)
 from birdfg.compare import Comparator, Comparison
 from birdfg.images import ImageError
 from birdfg.models import ENSEMBLE_KEY, MODEL_KEYS
@@ -41,7 +41,7 @@ models do not run again."""
 MODEL_BLURB = {
     "cnn": "Class activation map: the classifier's weights for the species applied at every location.",
     "vit": "Attention rollout: how much the class token draws on each patch, through all layers.",
-    "bcnn": "The bilinear score of the species split exactly over locations; below, the channel pairs that weigh most.",
+    "bcnn": "The species' bilinear score split exactly over locations; below, the channel pairs that weigh most.",
 }
 CSS = """
 .bird-col { border-radius: 14px !important; }
@@ -56,6 +56,7 @@ MAX_FILE_SIZE = "20mb"
 
 
 def _error_answer(message: str, warn: bool = True) -> dict[str, str]:
+    log.info("answered with an error: %s", message)
     if warn:
         gr.Warning(message)
     return {"error": message}
@@ -74,9 +75,9 @@ def _set_status(sets: ModelSets, name: str | None, comparator: Comparator | None
         lines.insert(0, f"Model set **{name}** from {where}: {names}.")
         missing = comparator.model_set.errors
         if missing:
-            lines.append("⚠️ " + " ".join(missing.values()))
+            lines.append("⚠ " + " ".join(missing.values()))
     if problem:
-        lines.append(f"⚠️ {problem}")
+        lines.append(f"⚠ {problem}")
     return "\n\n".join(lines)
 
 
@@ -110,7 +111,8 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
             return _error_answer(str(exc).replace(str(path), "Your photo")), *none, view
         except Exception as exc:  # noqa: BLE001 - a request must never take the app down
             log.exception("compare failed")
-            return _error_answer(f"Something went wrong while comparing ({type(exc).__name__}: {exc})."), *none, view
+            message = f"Something went wrong while comparing ({type(exc).__name__}: {exc})."
+            return _error_answer(message), *none, view
         cache.put(_session(request), set_name, comparison)
         return comparison.to_json(), *[draw(comparison, key, view) for key in MODEL_KEYS], view
 
@@ -178,8 +180,8 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
             gr.Warning("Add some photos first (several files at once).")
             return gr.skip(), gr.skip()
         if len(files) > MAX_BATCH:
-            gr.Warning(f"{len(files)} files: classifying the first {MAX_BATCH}. Split larger folders into several runs, "
-                       "or use `python -m birdfg.predict` for a whole folder.")
+            gr.Warning(f"{len(files)} files: classifying the first {MAX_BATCH}. Split larger folders into several "
+                       "runs, or use `python -m birdfg.predict` for a whole folder.")
             files = files[:MAX_BATCH]
         try:
             headers, rows = classify_files(comparator_for(set_name), files)
@@ -196,7 +198,8 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
 
     layers, heads = attention_choices(comparator)
     report = read_report(sets.sources[sets.default].folder, comparator.models) if comparator else None
-    with gr.Blocks(title=TITLE) as demo:
+    # Uploaded photos and drawn maps pile up in Gradio's cache: drop files older than an hour, hourly.
+    with gr.Blocks(title=TITLE, delete_cache=(3600, 3600)) as demo:
         set_state = gr.State(sets.default)
         view_state = gr.State(View())
         with gr.Row(equal_height=True):
@@ -211,8 +214,8 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
         with gr.Tab("Compare"):
             with gr.Row(equal_height=False):
                 with gr.Column(scale=2, min_width=300):
-                    image = gr.Image(type="filepath", sources=["upload", "clipboard", "webcam"], label="Your bird photo",
-                                     height=330, elem_id="photo")
+                    image = gr.Image(type="filepath", sources=["upload", "clipboard", "webcam"],
+                                     label="Your bird photo", height=330, elem_id="photo")
                     compare_button = gr.Button("Compare again", variant="primary")
                 with gr.Column(scale=3, min_width=300):
                     gr.Markdown(HOWTO)
@@ -231,9 +234,9 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
                     with gr.Column(variant="panel", elem_classes=["bird-col"], min_width=260, elem_id=f"col-{key}"):
                         headers[key] = gr.Markdown(model_header(key, loaded, None, _missing(comparator, key)))
                         gr.Markdown(MODEL_BLURB[key], elem_classes=["blurb"])
-                        overlays[key] = gr.Image(label=f"{key} explanation", show_label=False, type="pil", format="jpeg",
-                                                 interactive=False, height=300, elem_id=f"overlay-{key}",
-                                                 buttons=["download", "fullscreen"])
+                        overlays[key] = gr.Image(label=f"{key} explanation", show_label=False, type="pil",
+                                                 format="jpeg", interactive=False, height=300,
+                                                 elem_id=f"overlay-{key}", buttons=["download", "fullscreen"])
                         notes[key] = gr.Markdown(elem_classes=["map-note"])
                         labels[key] = gr.Label(num_top_classes=5, label="Top 5", elem_id=f"label-{key}")
                         if key == "vit":
@@ -243,8 +246,8 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
                                 head = gr.Dropdown(heads, value=MEAN_HEADS, label="Head (single layer)",
                                                    interactive=True, min_width=100)
                         if key == "bcnn":
-                            pairs = gr.Gallery(label="Channel pairs that add most to the species", columns=2, height="auto", object_fit="contain", allow_preview=True,
-                                               elem_id="pairs")
+                            pairs = gr.Gallery(label="Channel pairs that add most to the species", columns=2,
+                                               height="auto", object_fit="contain", elem_id="pairs")
             with gr.Row(equal_height=True):
                 ensemble = gr.Label(num_top_classes=5, label="Ensemble (mean of the three softmaxes)", scale=2,
                                     elem_id="label-ensemble")
@@ -272,7 +275,8 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
         # --- wiring ------------------------------------------------------------------------------
         overlay_list = [overlays[k] for k in MODEL_KEYS]
         note_list = [notes[k] for k in MODEL_KEYS]
-        compare_io = dict(fn=compare, inputs=[image, set_state, view_state], outputs=[answer, *overlay_list, view_state],
+        compare_io = dict(fn=compare, inputs=[image, set_state, view_state],
+                          outputs=[answer, *overlay_list, view_state],  # gr.State is not part of the API
                           preprocess=False,  # we open the file ourselves: bad uploads get a clear message
                           concurrency_id="models", concurrency_limit=1)
         details_io = dict(fn=details, inputs=[set_state, view_state],
@@ -282,8 +286,9 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
         if example_set is not None:
             example_set.load_input_event.then(api_visibility="private", **compare_io).then(**details_io)
         gr.on([species.input, opacity.release, layer.input, head.input], rerender,
-              inputs=[species, opacity, layer, head, set_state], outputs=[*overlay_list, *note_list, pairs, view_state],
-              api_visibility="private", show_progress="minimal")
+              inputs=[species, opacity, layer, head, set_state],
+              outputs=[*overlay_list, *note_list, pairs, view_state], api_visibility="private",
+              show_progress="minimal")
         set_outputs = [set_selector, set_state, status, species, layer, head, *headers.values(), *labels.values(),
                        *overlay_list, *note_list, pairs, ensemble, agree, answer, report_md, per_class, confusion]
         set_selector.input(select_set, [set_selector, set_state], set_outputs, api_visibility="private",
@@ -324,8 +329,6 @@ def serve(checkpoints: Path | None = None, hub_repo: str | None = None, examples
           port: int | None = None, max_loaded: int = 2) -> None:
     """Discover sets, load the default one, and serve until interrupted. Binds 127.0.0.1 unless
     GRADIO_SERVER_NAME says otherwise (a Space sets 0.0.0.0); port: `port`, GRADIO_SERVER_PORT, 7860."""
-    from birdfg.app_state import find_examples
-
     sets = ModelSets.discover(checkpoints, hub_repo, max_loaded=max_loaded)
     examples = find_examples(examples_dir)
     demo = build(sets, examples)
@@ -335,7 +338,6 @@ def serve(checkpoints: Path | None = None, hub_repo: str | None = None, examples
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=port or int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
         max_file_size=MAX_FILE_SIZE,
-        allowed_paths=[str(Path(examples_dir).resolve())] if examples else None,
         theme=theme(),
         css=CSS,
         footer_links=["api"],

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -155,7 +154,8 @@ def test_batch_gives_a_table_and_a_csv(client, sample_photo, bad_inputs):
     assert all(r[4].endswith("%)") and r[-1] == "" for r in (rows[0], rows[2]))
     with open(csv_path, newline="") as f:
         saved = list(csv.reader(f))
-    assert saved[0][:3] == ["photo", "cnn top-1", "cnn conf"] and saved[0][-3:] == ["ensemble top-1", "ensemble conf", "note"]
+    assert saved[0][:3] == ["photo", "cnn top-1", "cnn conf"]
+    assert saved[0][-3:] == ["ensemble top-1", "ensemble conf", "note"]
     assert len(saved) == 4 and 0 <= float(saved[3][saved[0].index("ensemble conf")]) <= 1
 
 
@@ -172,6 +172,14 @@ def test_the_page_is_served_on_localhost_with_examples(app_url):
 
 
 # --- the app's logic, in process --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_set(app_checkpoints):
+    """The app's set loaded in this process once (tests that change a model put it back)."""
+    from birdfg.checkpoints import load_set
+
+    return load_set(app_checkpoints)
 
 
 def fake_set(folder: Path, keys=KEYS) -> Path:
@@ -212,6 +220,7 @@ def test_hub_set_is_used_when_cached_and_offline_falls_back_to_disk(tmp_path, mo
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     sources, default, notes = discover(tmp_path / "sets", hub_repo="birdfg/never-published")
     assert default == "lite" and "birdfg/never-published" in notes[0] and "using the local set `lite`" in notes[0]
+    assert "offline" in notes[0]
 
     # A set downloaded earlier sits in the hub cache: offline, it is used from there.
     repo = tmp_path / "hub" / "models--birdfg--demo"
@@ -223,6 +232,15 @@ def test_hub_set_is_used_when_cached_and_offline_falls_back_to_disk(tmp_path, mo
         (snapshot / f"{key}.safetensors").symlink_to(Path(app_checkpoints, f"{key}.safetensors").resolve())
     sources, default, notes = discover(tmp_path / "sets", hub_repo="birdfg/demo")
     assert default == "hub:birdfg/demo" and sources[0].folder == snapshot and not notes
+
+
+def test_the_status_line_shows_notes_even_without_models(tmp_path):
+    from birdfg.app_state import ModelSets
+    from birdfg.ui import _set_status
+
+    sets = ModelSets.discover(tmp_path / "empty", hub_repo=None)
+    status = _set_status(sets, None, None, "No model set is available")
+    assert "No model checkpoints found" in status and "No model set is available" in status
 
 
 def test_sets_load_once_and_at_most_max_loaded_stay(app_checkpoints, tmp_path):
@@ -240,6 +258,34 @@ def test_sets_load_once_and_at_most_max_loaded_stay(app_checkpoints, tmp_path):
     assert list(sets._loaded) == ["lite-copy"]
 
 
+def test_one_failing_model_shows_its_error_and_the_others_answer(model_set, sample_photo):
+    import torch
+
+    from birdfg.app_state import View, agreement, model_header, render_overlay, render_pairs, top5
+    from birdfg.compare import Comparator
+
+    class BrokenHead(torch.nn.Module):  # a head that fails at run time, as a corrupt one would
+        def forward(self, features):
+            raise RuntimeError("the head's weights are NaN")
+
+    bcnn = model_set.models["bcnn"].model
+    working_head, bcnn.head = bcnn.head, BrokenHead()
+    try:
+        comparator = Comparator(model_set)
+        comparison = comparator.compare(sample_photo)
+    finally:
+        bcnn.head = working_head
+    answer = comparison.to_json()
+    assert "NaN" in answer["models"]["bcnn"]["error"] and answer["models"]["bcnn"]["top5"] == []
+    assert answer["models"]["cnn"]["top5"] and answer["models"]["vit"]["top5"] and answer["ensemble"]["top5"]
+    assert answer["agree"] is False
+    assert "failed" in model_header("bcnn", comparator.models["bcnn"], comparison)
+    assert render_overlay(comparison, "bcnn", View()) is None and render_pairs(comparison, View()) == []
+    assert render_overlay(comparison, "cnn", View()).size == comparison.photo.size
+    assert top5(comparison, "bcnn") is None
+    assert f"{comparator.models['bcnn'].display_name} failed" in agreement(comparison)
+
+
 def test_result_cache_is_a_small_lru_per_session():
     from birdfg.app_state import ResultCache
 
@@ -252,15 +298,11 @@ def test_result_cache_is_a_small_lru_per_session():
     assert cache.get("a", "full") is None  # a result belongs to the set that made it
 
 
-def test_models_tab_reads_the_stored_report(tmp_path, app_checkpoints):
+def test_models_tab_reads_the_stored_report(tmp_path, model_set):
     from birdfg.app_state import read_report
-    from birdfg.checkpoints import load_set
 
-    folder = tmp_path / "lite"
+    folder, models = tmp_path / "lite", model_set.models
     folder.mkdir()
-    for key in KEYS:
-        shutil.copy(Path(app_checkpoints, f"{key}.safetensors"), folder)
-    models = load_set(folder).models
     empty = read_report(folder, models)
     assert "No evaluation report" in empty.summary and "--pointing-game" in empty.summary
     assert not empty.per_class_rows and not empty.confusion
