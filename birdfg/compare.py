@@ -100,7 +100,7 @@ class Comparison:
         small_box = tuple(v * small.width / self.photo.width for v in box)
         with torch.inference_mode():
             pairs = head_module.top_pairs(self.results[key].features, c, k)
-        return [(f"channels {i}x{j}: {value:+.3f}", overlay(small, m.numpy(), small_box, 0.6))
+        return [(f"channels {i}x{j}: {value:+.3g}", overlay(small, m.numpy(), small_box, 0.6))
                 for i, j, value, m in pairs]
 
 
