@@ -137,12 +137,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # each fine-tunes its own copy of the last stage and 1x1 head conv ("blocks.6" on) and its head.
     "lite": {
         "cnn": dict(display_name="EfficientNet-Lite0 CNN", backbone="tf_efficientnet_lite0", head="linear",
-                    img_size=320, frozen_backbone=True, train_from="blocks.6", head_kwargs={"dropout": 0.3}),
+                    img_size=320, frozen_backbone=True, train_from="blocks.6", head_kwargs={"dropout": 0.5}),
         "vit": dict(display_name="Hybrid ViT (Lite0 tokens)", backbone="tf_efficientnet_lite0", head="transformer",
                     img_size=320, frozen_backbone=True, train_from="blocks.6",
                     head_kwargs={"dim": 256, "depth": 2, "heads": 4}),
         "bcnn": dict(display_name="B-CNN (Lite0)", backbone="tf_efficientnet_lite0", head="bilinear",
-                     img_size=320, frozen_backbone=True, train_from="blocks.6", head_kwargs={"dim": 256, "dropout": 0.3}),
+                     img_size=320, frozen_backbone=True, train_from="blocks.6", head_kwargs={"dim": 64, "dropout": 0.5}),
     },
 }
 
