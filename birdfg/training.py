@@ -231,6 +231,10 @@ def make_logger(kind: str, save_dir: Path, name: str):
     if kind == "csv":
         return L.pytorch.loggers.CSVLogger(save_dir, name=name)
     if kind == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError as exc:
+            raise SystemExit("--logger tensorboard needs `pip install tensorboard`; or use --logger csv.") from exc
         return L.pytorch.loggers.TensorBoardLogger(save_dir, name=name)
     if kind == "wandb":
         try:

@@ -89,3 +89,10 @@ def test_export_is_atomic_and_leaves_no_temp_files(tmp_path, full_cnn_file):
         checkpoints.export(model, target, CLASSES[:2], {}, {}, {})
     assert checkpoints.read_metadata(target) == before
     assert [p.name for p in tmp_path.iterdir()] == ["bcnn.safetensors"]
+
+
+def test_model_card_lists_metrics_classes_and_command(untrained_lite_set):
+    card = checkpoints.model_card(checkpoints.load_set(untrained_lite_set), "python train.py --preset lite")
+    assert card.startswith("---") and "library_name: birdfg" in card
+    assert "| `vit` | Hybrid ViT (Lite0 tokens) |" in card
+    assert "Red square bird" in card and "`python train.py --preset lite`" in card
