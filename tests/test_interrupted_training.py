@@ -36,21 +36,26 @@ def _launch(data: Path, out: Path, log: Path, *extra: str, env: dict | None = No
                                 env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **(env or {})})
 
 
+def _tail(log: Path) -> str:
+    # The progress bar writes multi-byte characters: a read can end inside one.
+    return log.read_bytes()[-3000:].decode("utf-8", "replace")
+
+
 def _wait_for(proc: subprocess.Popen, ready, what: str, log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while not ready():
         if proc.poll() is not None:
-            pytest.fail(f"train.py exited ({proc.returncode}) before {what}:\n{log.read_text()[-3000:]}")
+            pytest.fail(f"train.py exited ({proc.returncode}) before {what}:\n{_tail(log)}")
         if time.monotonic() > deadline:
             proc.kill()
-            pytest.fail(f"no {what} after {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+            pytest.fail(f"no {what} after {START_TIMEOUT_S} s:\n{_tail(log)}")
         time.sleep(0.05)
 
 
 def _kill(proc: subprocess.Popen, log: Path) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, f"the run ended by itself ({proc.returncode}):\n{log.read_text()[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL, f"the run ended by itself ({proc.returncode}):\n{_tail(log)}"
 
 
 def _sha256(path: Path) -> str:
@@ -85,7 +90,7 @@ def resumed(data, tmp_path_factory) -> dict:
     start = time.monotonic()
     proc = _launch(data, out, resumed_log, "--epochs", str(EPOCHS), "--resume")
     proc.wait(timeout=RUN_TIMEOUT_S)
-    state.update(out=out, resumed_rc=proc.returncode, resumed_log=resumed_log.read_text(),
+    state.update(out=out, resumed_rc=proc.returncode, resumed_log=resumed_log.read_bytes().decode("utf-8", "replace"),
                  resumed_seconds=time.monotonic() - start)
     return state
 
@@ -126,7 +131,7 @@ def test_kill_during_export_keeps_the_previous_checkpoint(resumed, data):
     digest, meta = _sha256(target), checkpoints.read_metadata(target)
     log = out / "export_kill.log"
     proc = _launch(data, out, log, "--epochs", "1", "--force", env={"BIRDFG_TEST_PAUSE_EXPORT": "120"})
-    _wait_for(proc, lambda: "BIRDFG_TEST_PAUSE_EXPORT" in log.read_text(), "export pause", log)
+    _wait_for(proc, lambda: b"BIRDFG_TEST_PAUSE_EXPORT" in log.read_bytes(), "export pause", log)
     _kill(proc, log)
 
     strays = list(target.parent.glob(".cnn.safetensors.*.tmp"))
