@@ -18,7 +18,7 @@ from birdfg.backbones import backbone_cfg
 from birdfg.checkpoints import LoadedModel, ModelSet
 from birdfg.data import build_transform, display_name
 from birdfg.explain import (AttentionRecorder, attention_rollout, class_token_attention, crop_box,
-                            normalise, overlay)
+                            overlay)
 from birdfg.heads import BilinearHead, LinearHead
 from birdfg.images import ImageSource, open_rgb
 from birdfg.models import ENSEMBLE_KEY

@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from birdfg import checkpoints
 from birdfg.data import DatasetError, check_class_folders, class_names, drop_unreadable, read_boxes, samples
