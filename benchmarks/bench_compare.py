@@ -299,13 +299,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def app_process(folder: Path, timeout: float = 300):
-    """`python app.py --checkpoints FOLDER` on a free local port; yields (url, start time)."""
+def server_process(args: list[str], timeout: float = 300):
+    """A Gradio server started as `python ARGS` on a free local port; yields (url, start time, process)."""
     port = free_port()
     env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1", "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--checkpoints", str(folder)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     url: list[str] = []
     ready = threading.Event()
@@ -322,7 +322,7 @@ def app_process(folder: Path, timeout: float = 300):
     threading.Thread(target=read, daemon=True).start()
     try:
         if not ready.wait(timeout) or not url:
-            raise RuntimeError(f"app.py did not start within {timeout:.0f} s:\n{''.join(lines[-20:])}")
+            raise RuntimeError(f"{args[0]} did not start within {timeout:.0f} s:\n{''.join(lines[-20:])}")
         yield url[0], start, proc
     finally:
         proc.terminate()
@@ -332,27 +332,67 @@ def app_process(folder: Path, timeout: float = 300):
             proc.kill()
 
 
-def api_timings(folder: Path, photos: list[Path], repeats: int) -> dict:
-    """Cold start (process start to the first answered /compare) and the median /compare round
-    trip through gradio_client."""
-    from gradio_client import Client, handle_file
+def connect(url: str, start: float, **kwargs):
+    from gradio_client import Client
 
-    with app_process(folder) as (url, start, proc):
-        client = None
-        while client is None:  # the URL is printed just before the server accepts connections
-            try:
-                client = Client(url, verbose=False)
-            except Exception:  # noqa: BLE001 - not up yet
-                if time.perf_counter() - start > 300:
-                    raise
-                time.sleep(0.2)
-        client.predict(handle_file(str(photos[0])), api_name="/compare")
-        cold = time.perf_counter() - start
-        ms, times = median_ms(lambda i: client.predict(handle_file(str(photos[i % len(photos)])), api_name="/compare"),
+    while True:  # the URL is printed just before the server accepts connections
+        try:
+            return Client(url, verbose=False, **kwargs)
+        except Exception:  # noqa: BLE001 - not up yet
+            if time.perf_counter() - start > 300:
+                raise
+            time.sleep(0.2)
+
+
+def api_round_trips(url: str, start: float, api_name: str, photos: list[Path], repeats: int) -> dict:
+    """Median round trip of `api_name` with the default client (downloads the returned images,
+    as an API user gets them) and without downloading them."""
+    from gradio_client import handle_file
+
+    out = {}
+    for download in (True, False):
+        client = connect(url, start, download_files=download)
+        ms, times = median_ms(lambda i: client.predict(handle_file(str(photos[i % len(photos)])), api_name=api_name),
                               repeats)
+        out["ms" if download else "no_download_ms"] = round(ms, 1)
+        if download:
+            out["times_ms"] = [round(t, 1) for t in times]
+    return out
+
+
+def api_timings(folder: Path, photos: list[Path], repeats: int) -> dict:
+    """Cold start (process start to the first answered /compare) and /compare round trips through
+    gradio_client; then the same round trips against an app that does no work (Gradio's floor)."""
+    from gradio_client import handle_file
+
+    with server_process([str(ROOT / "app.py"), "--checkpoints", str(folder)]) as (url, start, proc):
+        connect(url, start).predict(handle_file(str(photos[0])), api_name="/compare")
+        cold = time.perf_counter() - start
+        trips = api_round_trips(url, start, "/compare", photos, repeats)
         rss = _vm_hwm_mb(proc.pid)
-    return {"cold_start_s": round(cold, 2), "api_ms": round(ms, 1), "api_times_ms": [round(t, 1) for t in times],
-            "app_peak_rss_mb": rss}
+    with server_process([__file__, "--echo-app"]) as (url, start, _):
+        connect(url, start).predict(handle_file(str(photos[0])), api_name="/echo")
+        floor = api_round_trips(url, start, "/echo", photos, repeats)
+    return {"cold_start_s": round(cold, 2), "api_ms": trips["ms"], "api_times_ms": trips["times_ms"],
+            "api_no_download_ms": trips["no_download_ms"], "gradio_floor_ms": floor["ms"],
+            "gradio_floor_no_download_ms": floor["no_download_ms"], "app_peak_rss_mb": rss}
+
+
+def echo_app() -> None:
+    """Gradio's own cost of one /compare-shaped call: photo in, JSON and three JPEG images out,
+    no model (the photo itself, downscaled like the overlays)."""
+    import gradio as gr
+
+    def echo(path: str):
+        photo = open_rgb(path)
+        photo.thumbnail((512, 512))
+        return {"models": {}}, photo, photo, photo
+
+    with gr.Blocks() as demo:
+        image = gr.Image(type="filepath")
+        outputs = [gr.JSON()] + [gr.Image(type="pil", format="jpeg") for _ in MODEL_KEYS]
+        gr.Button().click(echo, image, outputs, api_name="echo")
+    demo.queue().launch(server_name="127.0.0.1", server_port=int(os.environ["GRADIO_SERVER_PORT"]))
 
 
 def _vm_hwm_mb(pid: int) -> float | None:
@@ -483,13 +523,17 @@ def main(argv: list[str] | None = None) -> int:
     report["machine"]["load_average_end"] = load_average()
     report["seconds"] = round(time.perf_counter() - started, 1)
     args.json.write_text(json.dumps(report, indent=2))
-    print(json.dumps({k: {m: v.get(m) for m in ("optimized_ms", "naive_ms", "speedup", "flop_limit_ms", "limit_ratio",
-                                                    "agreement_ratio", "peak_rss_mb", "cold_start_s", "api_ms")}
+    summary = ("optimized_ms", "untuned_ms", "naive_ms", "speedup", "flop_limit_ms", "limit_ratio", "agreement_ratio",
+               "peak_rss_mb", "cold_start_s", "api_ms", "gradio_floor_ms")
+    print(json.dumps({k: {**{m: v.get(m) for m in summary}, "batch_ratio": v["batch_ips"]["ratio"]}
                       for k, v in report.items() if k in ("lite", "full")}, indent=1))
     return 0
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--echo-app"]:
+        echo_app()
+        raise SystemExit(0)
     if len(sys.argv) == 4 and sys.argv[1] == "--probe":
         speed.configure_threads()
         probe_main(sys.argv[2], sys.argv[3])
