@@ -13,15 +13,16 @@ folder so that they load the way the app loads them) it measures, in one run:
   attention rollout (ViT), overlays with grad-cam's show_cam_on_image; no sharing. The top-1 of
   every model must equal the optimized path's on every timed photo;
 - flop_limit_ms: the forwards' FLOPs (torch.utils.flop_counter; a shared backbone counted once)
-  divided by this machine's fp32 matmul rate measured in the same run; limit_ratio = optimized /
-  limit;
+  divided by this machine's fp32 matmul rate (2048x2048 products, measured between the timed
+  comparisons); limit_ratio = optimized / limit;
+- untuned_ms: the Comparator with tune=False (plain fp32 eager models): what the tuning gains;
 - batch_ips: photos per second through Comparator.classify, batched and one at a time;
 - agreement: top-1 of the optimized path vs plain fp32 eager models on every val photo;
 - peak_rss_mb and cold start (a fresh process: imports, load, first comparison), and with app.py
   on the branch api_ms / cold_start_s through gradio_client against `python app.py`.
 
-Timings are medians; the machine's load average is recorded with them because a busy machine
-slows everything (the FLOP limit is measured under the same load, so limit_ratio drifts less).
+Timings are medians. The three paths and the matmul yardstick take turns within each repeat, so
+that a change of load on a shared machine touches all of them alike; the load average is recorded.
 """
 from __future__ import annotations
 
@@ -405,7 +406,7 @@ def _vm_hwm_mb(pid: int) -> float | None:
 
 
 def bench_set(name: str, folder: Path, source: str, args, timing_photos: list[Path],
-              val_items: list[tuple[Path, int]], gflops: float) -> dict:
+              val_items: list[tuple[Path, int]]) -> dict:
     print(f"\n== {name}: {folder} ({source}) ==", flush=True)
     result: dict = {"checkpoints": str(folder), "weights": source}
     repeats = args.repeats
@@ -422,50 +423,62 @@ def bench_set(name: str, folder: Path, source: str, args, timing_photos: list[Pa
         result.update({"cold_start_s": None, "api_ms": None, "api_error": why})
 
     comparator = Comparator(checkpoints.load_set(folder))
+    # Before this issue's tuning: the same Comparator (shared backbone, one pass, inference_mode)
+    # with plain fp32 eager models.
+    plain = Comparator(checkpoints.load_set(folder), tune=False)
     keys = list(comparator.models)
+    naive = {k: NaiveModel(folder / f"{k}.safetensors") for k in keys}
     optimized_top1: dict[int, dict[str, int]] = {}
+    mismatches = []
 
     def optimized(i: int) -> None:
         comparison, _ = app_like(comparator, timing_photos[i % len(timing_photos)])
         optimized_top1[i % len(timing_photos)] = {k: comparison.predicted(k) for k in keys}
 
-    ms, times = median_ms(optimized, repeats, warmup=2)
-    result.update(optimized_ms=round(ms, 1), optimized_times_ms=[round(t, 1) for t in times])
-    print(f"optimized {ms:.1f} ms {[round(t) for t in times]}", flush=True)
-    comparison = comparator.compare(timing_photos[0])
-    overlays_ms, _ = median_ms(lambda i: [comparison.overlay(k) for k in keys], 2 * repeats)
-    result["overlays_ms"] = round(overlays_ms, 2)  # the three overlays alone (part of optimized_ms)
-
-    # Before this issue's tuning: the same Comparator (shared backbone, one pass, inference_mode)
-    # with plain fp32 eager models and the straightforward overlay drawing.
-    plain = Comparator(checkpoints.load_set(folder), tune=False)
-    plain_ms, times = median_ms(lambda i: app_like(plain, timing_photos[i % len(timing_photos)]), repeats, warmup=2)
-    result.update(untuned_ms=round(plain_ms, 1), untuned_times_ms=[round(t, 1) for t in times])
-    print(f"untuned (tune=False) {plain_ms:.1f} ms", flush=True)
-    del plain
-
-    naive = {k: NaiveModel(folder / f"{k}.safetensors") for k in keys}
-    mismatches = []
-
     def naive_run(i: int) -> None:
         j = i % len(timing_photos)
         for key, model in naive.items():
             top1, _ = model.run(timing_photos[j])
-            if j in optimized_top1 and optimized_top1[j][key] != top1:
+            if optimized_top1[j][key] != top1:
                 mismatches.append((timing_photos[j].name, key, optimized_top1[j][key], top1))
 
-    naive_ms, times = median_ms(naive_run, repeats, warmup=1)
+    # The paths and the matmul yardstick take turns, so that a change in the machine's load
+    # during the run touches all of them alike.
+    paths = {"optimized": optimized, "untuned": lambda i: app_like(plain, timing_photos[i % len(timing_photos)]),
+             "naive": naive_run}
+    for i in range(2):
+        for fn in paths.values():
+            fn(i)
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    rates = []
+    for i in range(repeats):
+        rates.append(matmul_gflops(repeats=3))
+        for path, fn in paths.items():
+            start = time.perf_counter()
+            fn(i)
+            times[path].append((time.perf_counter() - start) * 1000)
     if mismatches:
         raise AssertionError(f"{name}: naive and optimized top-1 differ: {mismatches}")
-    result.update(naive_ms=round(naive_ms, 1), naive_times_ms=[round(t, 1) for t in times],
-                  speedup=round(naive_ms / ms, 2))
-    print(f"naive {naive_ms:.1f} ms -> speedup {naive_ms / ms:.2f}", flush=True)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    ms = medians["optimized"]
+    for path in paths:
+        result[f"{path}_ms"] = round(medians[path], 1)
+        result[f"{path}_times_ms"] = [round(t, 1) for t in times[path]]
+    result["speedup"] = round(medians["naive"] / ms, 2)
+    print(f"optimized {ms:.1f} ms, untuned {medians['untuned']:.1f} ms, naive {medians['naive']:.1f} ms "
+          f"-> speedup {result['speedup']:.2f}", flush=True)
+    del plain
+
+    comparison = comparator.compare(timing_photos[0])
+    overlays_ms, _ = median_ms(lambda i: [comparison.overlay(k) for k in keys], 2 * repeats)
+    result["overlays_ms"] = round(overlays_ms, 2)  # the three overlays alone (part of optimized_ms)
 
     flops = forward_flops(comparator)
-    limit = sum(flops.values()) / gflops * 1000
-    result.update(gflops=({k: round(v, 2) for k, v in flops.items()}), flop_limit_ms=round(limit, 1),
-                  limit_ratio=round(ms / limit, 2))
-    print(f"FLOPs {flops} -> limit {limit:.1f} ms, ratio {ms / limit:.2f}", flush=True)
+    rate = statistics.median(rates)
+    limit = sum(flops.values()) / rate * 1000
+    result.update(gflops=({k: round(v, 2) for k, v in flops.items()}), matmul_gflops=round(rate, 1),
+                  flop_limit_ms=round(limit, 1), limit_ratio=round(ms / limit, 2))
+    print(f"FLOPs {flops} at {rate:.1f} GFLOP/s -> limit {limit:.1f} ms, ratio {ms / limit:.2f}", flush=True)
 
     batch_photos = [open_rgb(p) for p, _ in val_items[:: max(1, len(val_items) // args.batch_photos)][:args.batch_photos]]
     result["batch_ips"] = batch_rate(comparator, batch_photos, args.batch_size)
@@ -517,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
                 folder, source = lite_folder(args, classes, tmp)
             else:
                 folder, source = export_set("full", tmp / "full", classes), "random weights (--no-pretrained)"
-            report[name] = bench_set(name, folder, source, args, timing_photos, val_items, gflops)
+            report[name] = bench_set(name, folder, source, args, timing_photos, val_items)
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, indent=2))
     report["machine"]["load_average_end"] = load_average()
