@@ -26,15 +26,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="show a gallery of example photos from this folder (e.g. ../shared/bird_dataset/val_images)")
     p.add_argument("--port", type=int, default=None, help="default: GRADIO_SERVER_PORT, else 7860")
     p.add_argument("--max-loaded-sets", type=int, default=2, help="model sets kept in memory at once")
+    p.add_argument("--keep-files-s", type=float, default=float(os.environ.get("BIRDFG_KEEP_FILES_S", "3600")),
+                   metavar="S", help="delete uploaded photos and drawn maps this long after they were written "
+                                     "(env BIRDFG_KEEP_FILES_S; default: 3600)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from birdfg.memory import tune_malloc
+
+    tune_malloc()  # before torch and the server start their threads
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     from birdfg.ui import serve  # heavy imports after --help
 
-    serve(args.checkpoints, args.hub_repo, args.examples, args.port, args.max_loaded_sets)
+    serve(args.checkpoints, args.hub_repo, args.examples, args.port, args.max_loaded_sets, args.keep_files_s)
     return 0
 
 

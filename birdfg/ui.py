@@ -22,10 +22,11 @@ import pandas as pd
 
 from birdfg.app_state import (DEFAULT_OPACITY, MAX_BATCH, MEAN_HEADS, PREDICTED, ROLLOUT, ModelSets, ResultCache,
                               SetError, View, agreement, attention_choices, classify_files, display_table,
-                              find_examples, map_caption, model_header, read_report, render_overlay, render_pairs,
-                              species_choices, top5, write_csv)
+                              OutputFiles, find_examples, map_caption, model_header, read_report, render_overlay,
+                              render_pairs, species_choices, top5)
 from birdfg.compare import Comparator, Comparison
 from birdfg.images import ImageError
+from birdfg.memory import release_free_memory
 from birdfg.models import ENSEMBLE_KEY, MODEL_KEYS
 
 log = logging.getLogger("birdfg.app")
@@ -81,9 +82,12 @@ def _set_status(sets: ModelSets, name: str | None, comparator: Comparator | None
     return "\n\n".join(lines)
 
 
-def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCache | None = None) -> gr.Blocks:
-    """The app's Blocks for the sets on offer (the default set is loaded here, once)."""
+def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCache | None = None,
+          output_files: OutputFiles | None = None) -> gr.Blocks:
+    """The app's Blocks for the sets on offer (the default set is loaded here, once). Maps and CSVs
+    are written to `output_files` and, like uploads, leave Gradio's cache after its `keep_s` seconds."""
     cache = cache or ResultCache()
+    output_files = output_files or OutputFiles()
     sets.on_evict.append(cache.drop_set)
     comparator, problem = None, None
     try:
@@ -113,15 +117,17 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
             log.exception("compare failed")
             message = f"Something went wrong while comparing ({type(exc).__name__}: {exc})."
             return _error_answer(message), *none, view
+        finally:
+            release_free_memory()
         cache.put(_session(request), set_name, comparison)
         return comparison.to_json(), *[draw(comparison, key, view) for key in MODEL_KEYS], view
 
-    def draw(comparison: Comparison, key: str, view: View):
-        """One overlay (None when that model has no result or its map fails)."""
+    def draw(comparison: Comparison, key: str, view: View) -> str | None:
+        """One overlay's file (None when that model has no result or its map fails)."""
         if key not in comparison.results:
             return None
         try:
-            return render_overlay(comparison, key, view)
+            return output_files.image(render_overlay(comparison, key, view))
         except Exception:  # noqa: BLE001 - one broken map must not hide the others
             log.exception("overlay of %s failed", key)
             return None
@@ -139,8 +145,7 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
         headers = [model_header(k, current.models.get(k) if current else None, comparison,
                                 _missing(current, k)) for k in MODEL_KEYS]
         labels = [top5(comparison, k) for k in MODEL_KEYS]
-        pairs = render_pairs(comparison, view) if comparison else []
-        return (*headers, *labels, *captions(comparison, view), pairs, top5(comparison, ENSEMBLE_KEY),
+        return (*headers, *labels, *captions(comparison, view), pair_files(comparison, view), top5(comparison, ENSEMBLE_KEY),
                 agreement(comparison), gr.update(value=PREDICTED))
 
     def rerender(species: str, opacity: float, layer: str, head: str, set_name: str, request: gr.Request):
@@ -149,7 +154,10 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
         if comparison is None:  # nothing compared yet (or forgotten): just remember the view
             return *[gr.skip()] * (2 * len(MODEL_KEYS) + 1), view
         images = [draw(comparison, k, view) for k in MODEL_KEYS]
-        return *images, *captions(comparison, view), render_pairs(comparison, view), view
+        return *images, *captions(comparison, view), pair_files(comparison, view), view
+
+    def pair_files(comparison: Comparison | None, view: View) -> list[tuple[str, str]]:
+        return [(output_files.image(image, "pair_"), caption) for image, caption in render_pairs(comparison, view)]
 
     def select_set(name: str, current_name: str, request: gr.Request):
         try:
@@ -189,7 +197,7 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
             gr.Warning(str(exc))
             return gr.skip(), gr.skip()
         shown_headers, shown = display_table(headers, rows)
-        return pd.DataFrame(shown, columns=shown_headers), str(write_csv(headers, rows))
+        return pd.DataFrame(shown, columns=shown_headers), str(output_files.csv(headers, rows))
 
     def forget(request: gr.Request):
         cache.drop(_session(request))
@@ -198,8 +206,9 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
 
     layers, heads = attention_choices(comparator)
     report = read_report(sets.sources[sets.default].folder, comparator.models) if comparator else None
-    # Uploaded photos and drawn maps pile up in Gradio's cache: drop files older than an hour, hourly.
-    with gr.Blocks(title=TITLE, delete_cache=(3600, 3600)) as demo:
+    # Uploaded photos and drawn maps pile up in Gradio's cache: drop the old ones regularly.
+    keep_s = max(int(output_files.keep_s), 1)
+    with gr.Blocks(title=TITLE, delete_cache=(min(keep_s, 600), keep_s)) as demo:
         set_state = gr.State(sets.default)
         view_state = gr.State(View())
         with gr.Row(equal_height=True):
@@ -234,8 +243,8 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
                     with gr.Column(variant="panel", elem_classes=["bird-col"], min_width=260, elem_id=f"col-{key}"):
                         headers[key] = gr.Markdown(model_header(key, loaded, None, _missing(comparator, key)))
                         gr.Markdown(MODEL_BLURB[key], elem_classes=["blurb"])
-                        overlays[key] = gr.Image(label=f"{key} explanation", show_label=False, type="pil",
-                                                 format="jpeg", interactive=False, height=300,
+                        overlays[key] = gr.Image(label=f"{key} explanation", show_label=False, type="filepath",
+                                                 interactive=False, height=300,
                                                  elem_id=f"overlay-{key}", buttons=["download", "fullscreen"])
                         notes[key] = gr.Markdown(elem_classes=["map-note"])
                         labels[key] = gr.Label(num_top_classes=5, label="Top 5", elem_id=f"label-{key}")
@@ -326,12 +335,13 @@ def theme() -> gr.themes.Base:
 
 
 def serve(checkpoints: Path | None = None, hub_repo: str | None = None, examples_dir: Path | None = None,
-          port: int | None = None, max_loaded: int = 2) -> None:
+          port: int | None = None, max_loaded: int = 2, keep_files_s: float = 3600) -> None:
     """Discover sets, load the default one, and serve until interrupted. Binds 127.0.0.1 unless
-    GRADIO_SERVER_NAME says otherwise (a Space sets 0.0.0.0); port: `port`, GRADIO_SERVER_PORT, 7860."""
+    GRADIO_SERVER_NAME says otherwise (a Space sets 0.0.0.0); port: `port`, GRADIO_SERVER_PORT, 7860.
+    Uploads and drawn maps are deleted `keep_files_s` seconds after they were written."""
     sets = ModelSets.discover(checkpoints, hub_repo, max_loaded=max_loaded)
     examples = find_examples(examples_dir)
-    demo = build(sets, examples)
+    demo = build(sets, examples, output_files=OutputFiles(keep_s=keep_files_s, prune_every_s=min(keep_files_s, 60)))
     # Two CPU cores: one model pass at a time (concurrency_id "models"), two cheap re-renders.
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=2)
     demo.launch(

@@ -36,15 +36,18 @@ def sets_root(checkpoints: Path, folder: Path) -> Path:
     return folder
 
 
-def app_url(checkpoints: Path, examples: Path, config: pytest.Config, tmp: Path) -> str:
-    """Start `python app.py` once (per checkpoints folder) and return its URL."""
-    key = str(checkpoints)
+def app_url(checkpoints: Path, examples: Path, config: pytest.Config, tmp: Path,
+            env: dict[str, str] | None = None) -> str:
+    """Start `python app.py` once (per checkpoints folder and extra environment) and return its URL."""
+    extra_env = env or {}
+    key = str((str(checkpoints), sorted(extra_env.items())))
     if key in _running:
         return _running[key][1]
     port = free_port()
     root = sets_root(checkpoints, tmp / "sets")
     log_path = tmp / "app.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
+           **extra_env}
     env.pop("GRADIO_SERVER_NAME", None)  # the default (127.0.0.1) is part of what is tested
     command = [sys.executable, "app.py", "--checkpoints", str(root), "--examples", str(examples), "--port", str(port)]
     log = open(log_path, "w")

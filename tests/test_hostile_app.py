@@ -5,10 +5,13 @@ server stays up and keeps answering real photos."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 import app_server
 from conftest import SHARED_DATA
@@ -46,10 +49,7 @@ def test_every_malformed_file_gets_an_answer_and_the_server_stays_up(client, ser
     cases = _interleaved(generate(tmp_path))
     problems, answered, refused = [], 0, 0
     # A few calls in flight at once (fewer than the queue holds): the server still runs one model
-    # pass at a time, but uploads, queueing and downloads overlap. Kinds are interleaved so that
-    # files with the same picture (the EXIF rotations) are not in flight together: Gradio rewrites
-    # an identical output image in its cache while another client may be downloading it (see
-    # benchmarks/load_test.py, identical_burst), which is not what this test is about.
+    # pass at a time, but uploads, queueing and downloads overlap.
     for start in range(0, len(cases), WAVE):
         wave = [(case, client.submit(handle_file(str(tmp_path / case.name)), api_name="/compare"))
                 for case in cases[start:start + WAVE]]
@@ -73,6 +73,66 @@ def test_every_malformed_file_gets_an_answer_and_the_server_stays_up(client, ser
     assert app_server.is_alive(server)
     answer, *_ = _compare(client, sample_photo)
     assert set(answer["models"]) == KEYS and all(m["top5"] for m in answer["models"].values())
+
+
+def test_the_same_photo_from_many_clients_at_once_gets_every_map(client, server, sample_photo):
+    """Identical requests make identical maps; each must still arrive whole (Gradio's cache once
+    rewrote an identical image in place while another client was downloading it)."""
+    from gradio_client import handle_file
+
+    jobs = [client.submit(handle_file(str(sample_photo)), api_name="/compare") for _ in range(12)]
+    results = [job.result(timeout=CALL_TIMEOUT_S) for job in jobs]
+    problems = [p for i, (answer, *overlays) in enumerate(results)
+                for p in _check(f"client {i}", True, answer, overlays, Path("."))]
+    assert not problems, "\n".join(problems)
+    for _, *overlays in results:
+        for path in overlays:
+            with Image.open(path) as image:
+                image.load()  # a half-written file fails here
+    top5s = {json.dumps({k: m["top5"] for k, m in answer["models"].items()}) for answer, *_ in results}
+    assert len(top5s) == 1, "the same photo got different answers"
+
+
+def test_uploads_and_maps_are_deleted_after_keep_files_s(app_checkpoints, pytestconfig, tmp_path, sample_photo):
+    """`--keep-files-s` (here 3 s): a visitor's upload, the maps drawn for it (our copies and
+    Gradio's) and batch CSVs leave the disk; files the page itself needs stay."""
+    from gradio_client import Client, handle_file
+
+    gradio_dir, temp_dir = tmp_path / "gradio", tmp_path / "tmp"
+    temp_dir.mkdir()
+    env = {"BIRDFG_KEEP_FILES_S": "3", "GRADIO_TEMP_DIR": str(gradio_dir), "TMPDIR": str(temp_dir)}
+    url = app_server.app_url(app_checkpoints, app_server.example_folder(SHARED_DATA, tmp_path), pytestconfig,
+                             tmp_path, env=env)
+    client = Client(url, verbose=False)
+
+    def files() -> set[Path]:
+        # Gradio's upload parser now and then leaves an empty tmpXXXX file behind: no bytes, not ours.
+        return {p for folder in (gradio_dir, temp_dir) for p in folder.rglob("*") if _size(p) > 0}
+
+    at_start = files()
+    photo = tmp_path / "visitor_photo.jpg"  # not one of the example photos, which the page keeps
+    with Image.open(sample_photo) as image:
+        image.save(photo, quality=80)
+    answer, *overlays = client.predict(handle_file(str(photo)), api_name="/compare")
+    assert set(answer["models"]) == KEYS and all(overlays)
+    client.predict([handle_file(str(photo))], api_name="/batch")
+    written = files() - at_start
+    names = " ".join(p.name for p in written)
+    assert photo.name in names and names.count("map_") >= 3 and ".csv" in names, sorted(written)
+    deadline = time.monotonic() + 60
+    while files() & written and time.monotonic() < deadline:
+        time.sleep(1)
+        client.predict(handle_file(str(sample_photo)), api_name="/compare")  # new files prune old ones
+    assert not files() & written, f"still there: {sorted(files() & written)}"
+    assert at_start <= files(), f"deleted files the page needs: {sorted(at_start - files())}"
+    assert app_server.is_alive(url)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size if path.is_file() else 0
+    except FileNotFoundError:  # deleted by the server while we looked
+        return 0
 
 
 def _interleaved(cases: list) -> list:
