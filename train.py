@@ -7,7 +7,16 @@ import shlex
 import sys
 from pathlib import Path
 
-from birdfg.models import MODEL_KEYS, PRESETS
+from birdfg.models import MODEL_KEYS, PRESETS, TRAINING_DEFAULTS
+
+
+def _defaults(name: str) -> str:
+    def one(preset: str, values: dict) -> str:
+        per_model = values.get(f"{name}_of", {})
+        extra = "".join(f"; {v} for its {k}" for k, v in per_model.items())
+        return f"{values[name]} ({preset}{extra})"
+
+    return ", ".join(one(preset, values) for preset, values in TRAINING_DEFAULTS.items())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -15,11 +24,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, required=True, help="dataset folder (train_images/, val_images/)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="full")
     p.add_argument("--models", nargs="+", choices=MODEL_KEYS, default=list(MODEL_KEYS))
-    p.add_argument("--epochs", type=int, default=None, help="default: 10 (full), 15 (lite)")
+    p.add_argument("--epochs", type=int, default=None, help=f"default: {_defaults('epochs')}")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=None, help="head learning rate; default: 3e-4 (full), 1e-3 (lite)")
+    p.add_argument("--lr", type=float, default=None, help=f"head learning rate; default: {_defaults('lr')}")
     p.add_argument("--backbone-lr-scale", type=float, default=None,
-                   help="pretrained layers learn at lr x this; default: 0.1 (full), 0.3 (lite's fine-tuned stage)")
+                   help=f"pretrained (or fine-tuned top) layers learn at lr x this; default: {_defaults('backbone_lr_scale')}")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--img-size", type=int, default=None, help="input size (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)

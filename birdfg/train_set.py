@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -12,7 +13,8 @@ from pathlib import Path
 
 from birdfg import checkpoints
 from birdfg.data import DatasetError, check_class_folders, class_names, drop_unreadable, read_boxes, samples
-from birdfg.models import build, preprocess_config, preset_specs, shared_backbone_key
+from birdfg.models import (TRAINING_DEFAULTS, build, default_epochs, preprocess_config, preset_specs,
+                           shared_backbone_key)
 from birdfg.training import TrainConfig, build_feature_cache, fit, image_loaders
 
 log = logging.getLogger("birdfg.train")
@@ -37,11 +39,11 @@ def train_set(args: argparse.Namespace, command: str) -> int:
               file=sys.stderr)
         return 2
     boxes = _boxes(args)
-    lite = args.preset == "lite"
+    defaults = TRAINING_DEFAULTS[args.preset]
     cfg = TrainConfig(
-        epochs=args.epochs or (15 if lite else 10), batch_size=args.batch_size,
-        lr=args.lr or (1e-3 if lite else 3e-4), weight_decay=args.weight_decay, seed=args.seed,
-        backbone_lr_scale=args.backbone_lr_scale or (0.3 if lite else 0.1),
+        epochs=args.epochs or defaults["epochs"], batch_size=args.batch_size,
+        lr=args.lr or defaults["lr"], weight_decay=args.weight_decay, seed=args.seed,
+        backbone_lr_scale=args.backbone_lr_scale or defaults["backbone_lr_scale"],
         accelerator=args.accelerator, devices=_devices(args.devices), num_nodes=args.num_nodes,
         strategy=args.strategy, precision=args.precision, logger=args.logger, workers=args.workers,
         resume=args.resume,
@@ -71,7 +73,8 @@ def train_set(args: argparse.Namespace, command: str) -> int:
         else:
             train_data, val_data = image_loaders(train_items, val_items, preprocess, cfg)
         try:
-            result = fit(model, train_data, val_data, cfg, runs_dir / key)
+            epochs = args.epochs or default_epochs(args.preset, key)
+            result = fit(model, train_data, val_data, dataclasses.replace(cfg, epochs=epochs), runs_dir / key)
         except checkpoints.CheckpointError as exc:  # --resume found a last.ckpt it must not trust
             print(f"error: {exc}", file=sys.stderr)
             return 2
