@@ -28,7 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=None, help=f"head learning rate; default: {_defaults('lr')}")
     p.add_argument("--backbone-lr-scale", type=float, default=None,
-                   help=f"pretrained (or fine-tuned top) layers learn at lr x this; default: {_defaults('backbone_lr_scale')}")
+                   help="pretrained (or fine-tuned top) layers learn at lr x this; "
+                        f"default: {_defaults('backbone_lr_scale')}")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--img-size", type=int, default=None, help="input size (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)

@@ -481,10 +481,11 @@ class OutputFiles:
         os.close(fd)
         return Path(name)
 
-    def prune(self, force: bool = False) -> None:
+    def prune(self) -> None:
+        """Delete files older than `keep_s` (at most once per `prune_every_s`)."""
         now = time.time()
         with self._lock:
-            if not force and now - self._pruned < self.prune_every_s:
+            if now - self._pruned < self.prune_every_s:
                 return
             self._pruned = now
         for old in self.folder.glob("*"):

@@ -145,8 +145,8 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
         headers = [model_header(k, current.models.get(k) if current else None, comparison,
                                 _missing(current, k)) for k in MODEL_KEYS]
         labels = [top5(comparison, k) for k in MODEL_KEYS]
-        return (*headers, *labels, *captions(comparison, view), pair_files(comparison, view), top5(comparison, ENSEMBLE_KEY),
-                agreement(comparison), gr.update(value=PREDICTED))
+        return (*headers, *labels, *captions(comparison, view), pair_files(comparison, view),
+                top5(comparison, ENSEMBLE_KEY), agreement(comparison), gr.update(value=PREDICTED))
 
     def rerender(species: str, opacity: float, layer: str, head: str, set_name: str, request: gr.Request):
         view = View(species or PREDICTED, float(opacity), layer or ROLLOUT, head or MEAN_HEADS)
