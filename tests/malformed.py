@@ -498,4 +498,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: find the birdfg package
     raise SystemExit(main(sys.argv[1:]))
