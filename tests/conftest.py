@@ -103,3 +103,20 @@ def sample_photo(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("photo") / "bird.jpg"
     synthetic_photo(0, 1, (400, 300)).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def app_url(app_checkpoints, pytestconfig, tmp_path_factory) -> str:
+    """The real `python app.py` on localhost, started once and shared by the app tests (tests/app_server.py)."""
+    import app_server
+
+    tmp = tmp_path_factory.mktemp("app")
+    return app_server.app_url(app_checkpoints, app_server.example_folder(SHARED_DATA, tmp), pytestconfig, tmp)
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    """A gradio_client Client of that app."""
+    from gradio_client import Client
+
+    return Client(app_url, verbose=False)

@@ -13,22 +13,9 @@ import pytest
 from PIL import Image
 
 import app_server
-from conftest import SHARED_DATA, synthetic_photo
+from conftest import synthetic_photo
 
 KEYS = ("cnn", "vit", "bcnn")
-
-
-@pytest.fixture(scope="session")
-def app_url(app_checkpoints, pytestconfig, tmp_path_factory) -> str:
-    tmp = tmp_path_factory.mktemp("app")
-    return app_server.app_url(app_checkpoints, app_server.example_folder(SHARED_DATA, tmp), pytestconfig, tmp)
-
-
-@pytest.fixture(scope="module")
-def client(app_url):
-    from gradio_client import Client
-
-    return Client(app_url, verbose=False)
 
 
 def compare(client, path):

@@ -7,20 +7,13 @@ from pathlib import Path
 
 import pytest
 
-import app_server
-from conftest import ARTIFACTS, SHARED_DATA
+from conftest import ARTIFACTS
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run"]
 KEYS = ("cnn", "vit", "bcnn")
 TIMEOUT_MS = 90_000  # a busy two-core machine
-
-
-@pytest.fixture(scope="session")
-def app_url(app_checkpoints, pytestconfig, tmp_path_factory) -> str:
-    tmp = tmp_path_factory.mktemp("app")
-    return app_server.app_url(app_checkpoints, app_server.example_folder(SHARED_DATA, tmp), pytestconfig, tmp)
 
 
 @pytest.fixture(scope="module")

@@ -22,26 +22,13 @@ WAVE = 8  # calls in flight at once; the app's queue holds 16
 CALL_TIMEOUT_S = 300  # queueing included; only a stuck server gets near it
 
 
-@pytest.fixture(scope="module")
-def server(app_checkpoints, pytestconfig, tmp_path_factory) -> str:
-    tmp = tmp_path_factory.mktemp("hostile_app")
-    return app_server.app_url(app_checkpoints, app_server.example_folder(SHARED_DATA, tmp), pytestconfig, tmp)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    from gradio_client import Client
-
-    return Client(server, verbose=False)
-
-
 def _compare(client, path: Path):
     from gradio_client import handle_file
 
     return client.predict(handle_file(str(path)), api_name="/compare")
 
 
-def test_every_malformed_file_gets_an_answer_and_the_server_stays_up(client, server, tmp_path, sample_photo):
+def test_every_malformed_file_gets_an_answer_and_the_server_stays_up(client, app_url, tmp_path, sample_photo):
     from gradio_client import handle_file
 
     from birdfg.images import ImageError, open_rgb
@@ -70,12 +57,12 @@ def test_every_malformed_file_gets_an_answer_and_the_server_stays_up(client, ser
     print(f"\napp /compare: {answered} answered, {refused} refused, {len(cases)} malformed files")
     assert not problems, "\n".join(problems)
     assert answered + refused == len(cases) and answered >= sum(1 for c in cases if c.expect == OK)
-    assert app_server.is_alive(server)
+    assert app_server.is_alive(app_url)
     answer, *_ = _compare(client, sample_photo)
     assert set(answer["models"]) == KEYS and all(m["top5"] for m in answer["models"].values())
 
 
-def test_the_same_photo_from_many_clients_at_once_gets_every_map(client, server, sample_photo):
+def test_the_same_photo_from_many_clients_at_once_gets_every_map(client, app_url, sample_photo):
     """Identical requests make identical maps; each must still arrive whole (Gradio's cache once
     rewrote an identical image in place while another client was downloading it)."""
     from gradio_client import handle_file
@@ -162,7 +149,7 @@ def _check(name: str, readable: bool, answer, overlays: list, tmp_path: Path) ->
     return []
 
 
-def test_an_upload_over_the_size_limit_is_turned_away(client, server, tmp_path, sample_photo):
+def test_an_upload_over_the_size_limit_is_turned_away(client, app_url, tmp_path, sample_photo):
     """The client is told before sending, and the server itself refuses a raw upload over the
     limit (413) without falling over."""
     import httpx
@@ -175,9 +162,9 @@ def test_an_upload_over_the_size_limit_is_turned_away(client, server, tmp_path, 
     with pytest.raises(ValueError, match="maximum file size"):
         _compare(client, big)
     with open(big, "rb") as f:
-        response = httpx.post(server + "gradio_api/upload", files={"files": (big.name, f, "image/jpeg")}, timeout=120)
+        response = httpx.post(app_url + "gradio_api/upload", files={"files": (big.name, f, "image/jpeg")}, timeout=120)
     assert response.status_code == 413, (response.status_code, response.text[:300])
     assert "size" in response.text.lower()
-    assert app_server.is_alive(server)
+    assert app_server.is_alive(app_url)
     answer, *_ = _compare(client, sample_photo)
     assert set(answer["models"]) == KEYS
