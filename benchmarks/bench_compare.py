@@ -17,7 +17,8 @@ folder so that they load the way the app loads them) it measures, in one run:
   comparisons); limit_ratio = optimized / limit;
 - untuned_ms: the Comparator with tune=False (plain fp32 eager models): what the tuning gains;
 - batch_ips: photos per second through Comparator.classify, batched and one at a time;
-- agreement: top-1 of the optimized path vs plain fp32 eager models on every val photo;
+- agreement: top-1 of the optimized path (one at a time, and batched) vs plain fp32 eager models
+  on every val photo;
 - peak_rss_mb and cold start (a fresh process: imports, load, first comparison), and with app.py
   on the branch api_ms / cold_start_s through gradio_client against `python app.py`.
 
@@ -48,12 +49,17 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from birdfg.memory import tune_malloc  # noqa: E402
+
+tune_malloc()  # the app's malloc settings, before torch starts threads: they change the timings
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from birdfg import checkpoints, speed  # noqa: E402
+from birdfg.app_state import BATCH_SIZE  # noqa: E402
 from birdfg.compare import Comparator  # noqa: E402
 from birdfg.data import build_transform, class_names  # noqa: E402
 from birdfg.explain import attention_rollout  # noqa: E402
@@ -230,37 +236,59 @@ def forward_flops(comparator: Comparator) -> dict[str, float]:
     return flops
 
 
-def batch_rate(comparator: Comparator, photos: list[Image.Image], batch_size: int) -> dict:
-    """Images per second through Comparator.classify: one at a time vs in batches."""
+def batch_rate(comparator: Comparator, photos: list[Image.Image], batch_size: int,
+               passes: int = 3, budget_s: float = 60.0) -> dict:
+    """Photos per second through Comparator.classify (what the app's batch mode and
+    birdfg.predict call): one at a time vs in batches of `batch_size`. The first batched pass,
+    in which each backbone tries its micro-batch sizes, is reported apart; then one-at-a-time and
+    batched passes take turns (`passes` of each, fewer when a pair takes over `budget_s`) and the
+    medians are compared."""
+    def one_pass(size: int) -> float:
+        start = time.perf_counter()
+        for i in range(0, len(photos), size):
+            comparator.classify(photos[i:i + size])
+        return len(photos) / (time.perf_counter() - start)
+
     comparator.classify(photos[:1])
-    comparator.classify(photos[:batch_size])
-    start = time.perf_counter()
-    for p in photos:
-        comparator.classify([p])
-    single = len(photos) / (time.perf_counter() - start)
-    start = time.perf_counter()
-    for i in range(0, len(photos), batch_size):
-        comparator.classify(photos[i:i + batch_size])
-    batched = len(photos) / (time.perf_counter() - start)
-    return {"photos": len(photos), "batch_size": batch_size, "one_at_a_time_ips": round(single, 2),
-            "batched_ips": round(batched, 2), "ratio": round(batched / single, 2)}
+    first = one_pass(batch_size)
+    single, batched = [], []
+    started = time.perf_counter()
+    while len(single) < passes and (not single or time.perf_counter() - started < budget_s):
+        single.append(one_pass(1))
+        batched.append(one_pass(batch_size))
+    single_ips, batched_ips = statistics.median(single), statistics.median(batched)
+    micro = {keys[0]: {"chosen": comparator.micro_batches[keys[0]].next_size(batch_size),
+                       "ms_per_photo": {size: round(s * 1000, 1) for size, s in
+                                        comparator.micro_batches[keys[0]].best_s_per_photo.items()}}
+             for keys in comparator.groups}
+    return {"photos": len(photos), "batch_size": batch_size, "passes": len(single),
+            "one_at_a_time_ips": round(single_ips, 2), "batched_ips": round(batched_ips, 2),
+            "ratio": round(batched_ips / single_ips, 2), "first_batched_pass_ips": round(first, 2),
+            "micro_batch": micro}
 
 
-def agreement(comparator: Comparator, naive: dict[str, NaiveModel], items: list[tuple[Path, int]]) -> dict:
-    """Top-1 of the optimized path (one photo at a time, as the app runs) against the plain fp32
-    eager models, on the same decoded photos."""
+def agreement(comparator: Comparator, naive: dict[str, NaiveModel], items: list[tuple[Path, int]],
+              batch_size: int) -> dict:
+    """Top-1 of the optimized path against the plain fp32 eager models, on the same decoded
+    photos: one photo at a time (as the app's compare runs) and in batches (its batch mode)."""
     same = {k: 0 for k in naive}
+    same_batched = {k: 0 for k in naive}
     correct = {k: 0 for k in naive}
-    for path, label in items:
-        photo = open_rgb(path)
-        optimized = comparator.classify([photo])
-        for key, model in naive.items():
-            ref = int(model.predict(model.transform(photo)[None]).argmax(-1))
-            top1 = int(optimized[key].argmax(-1))
-            same[key] += top1 == ref
-            correct[key] += top1 == label
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        photos = [open_rgb(path) for path, _ in chunk]
+        batched = comparator.classify(photos)
+        for j, (photo, (_, label)) in enumerate(zip(photos, chunk)):
+            optimized = comparator.classify([photo])
+            for key, model in naive.items():
+                ref = int(model.predict(model.transform(photo)[None]).argmax(-1))
+                top1 = int(optimized[key].argmax(-1))
+                same[key] += top1 == ref
+                same_batched[key] += int(batched[key][j].argmax(-1)) == ref
+                correct[key] += top1 == label
     n = len(items)
     return {"photos": n, "ratio": round(sum(same.values()) / (n * len(naive)), 4),
+            "batched_ratio": round(sum(same_batched.values()) / (n * len(naive)), 4),
             "per_model": {k: round(v / n, 4) for k, v in same.items()},
             "val_accuracy": {k: round(v / n, 4) for k, v in correct.items()}}
 
@@ -485,8 +513,8 @@ def bench_set(name: str, folder: Path, source: str, args, timing_photos: list[Pa
     print(f"batch {result['batch_ips']}", flush=True)
 
     agree_items = val_items if args.agreement_photos is None else val_items[:: max(1, len(val_items) // args.agreement_photos)]
-    result["agreement"] = agreement(comparator, naive, agree_items)
-    result["agreement_ratio"] = result["agreement"]["ratio"]
+    result["agreement"] = agreement(comparator, naive, agree_items, args.batch_size)
+    result["agreement_ratio"] = min(result["agreement"]["ratio"], result["agreement"]["batched_ratio"])
     print(f"agreement {result['agreement']}", flush=True)
     result["load_average_end"] = load_average()
     return result
@@ -501,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed comparisons per path (median)")
     p.add_argument("--photos", type=int, default=5, help="distinct val photos the timed runs cycle through")
     p.add_argument("--batch-photos", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="photos per batch (the app's batch mode uses %(default)s)")
     p.add_argument("--agreement-photos", type=int, default=None, help="default: every val photo")
     p.add_argument("--no-app", action="store_true", help="skip the gradio_client measurements")
     args = p.parse_args(argv)

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+import torchvision.transforms as T
 from PIL import Image
 
 from birdfg import speed
@@ -75,6 +77,7 @@ class Comparison:
         ensemble = {"top5": self.top(self.ensemble_probs) if self.ensemble_probs is not None else []}
         return {"models": models, "ensemble": ensemble, "agree": self.agree}
 
+    @speed.on_torch_thread
     def class_map(self, key: str, class_index: int | None = None, layer: int | None = None,
                   head: int | None = None) -> np.ndarray:
         """The explanation grid of model `key` for `class_index` (default: its prediction)."""
@@ -88,6 +91,7 @@ class Comparison:
         box = crop_box(self.photo.size, self.models[key].preprocess)
         return overlay(self.photo, self.class_map(key, class_index, **kw), box, opacity)
 
+    @speed.on_torch_thread
     def pair_maps(self, key: str, class_index: int | None = None, k: int = 4) -> list[tuple[str, Image.Image]]:
         """B-CNN only: the k channel pairs that add most to the class, each as a small overlay."""
         head_module = self.models[key].model.head
@@ -146,6 +150,9 @@ class Comparator:
         self.recorders = {k: AttentionRecorder(m.model) for k, m in self.models.items()}
         self.transforms = {k: build_transform(m.preprocess, train=False) for k, m in self.models.items()}
         self.groups = self._group_by_backbone()
+        self.micro_batches = {keys[0]: speed.MicroBatch() for keys in self.groups}
+        # PIL's resize lets go of the GIL: a batch's photos are prepared on every core at once.
+        self._prepare_pool = ThreadPoolExecutor(speed.usable_cpus(), thread_name_prefix="birdfg-prepare")
         self._lock = threading.Lock()
         self._channels_last: set[int] = set()  # id() of backbones tuned to take NHWC input
         self.tuning: dict[str, dict] = {}
@@ -194,9 +201,16 @@ class Comparator:
 
     def compare(self, source: ImageSource) -> Comparison:
         """Classify and explain one photo with every model. Raises ImageError for bad input."""
-        photo = open_rgb(source)
+        photo = open_rgb(source)  # decoding stays on the caller's thread, beside the model work
         shown = photo.copy()
         shown.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
+        results = self._run_models(photo)
+        ok = [r.probs for r in results.values() if r.ok]
+        ensemble = np.mean(ok, axis=0) if ok else None
+        return Comparison(shown, self.classes, results, ensemble, self.models)
+
+    @speed.on_torch_thread
+    def _run_models(self, photo: Image.Image) -> dict[str, ModelResult]:
         results = {}
         for keys in self.groups:
             for key, out in self.forward_group([photo], keys).items():
@@ -206,33 +220,44 @@ class Comparator:
                 else:
                     results[key] = ModelResult(key, loaded.display_name, out.probs[0].numpy(), out.latency_ms,
                                                features=out.features, attentions=out.attentions)
-        ok = [r.probs for r in results.values() if r.ok]
-        ensemble = np.mean(ok, axis=0) if ok else None
-        ordered = {k: results[k] for k in self.models}
-        return Comparison(shown, self.classes, ordered, ensemble, self.models)
+        return {k: results[k] for k in self.models}
 
+    @speed.on_torch_thread
     def classify(self, photos: list[Image.Image]) -> dict[str, torch.Tensor | Exception]:
         """Class probabilities (B, classes) of each model for already-opened photos, in batches;
         a model that fails gives its exception instead."""
         probs: dict[str, torch.Tensor | Exception] = {}
         for keys in self.groups:
-            for key, out in self.forward_group(photos, keys).items():
+            for key, out in self.forward_group(photos, keys, evidence=False).items():
                 probs[key] = out if isinstance(out, Exception) else out.probs
         return {k: probs[k] for k in self.models}
 
-    def forward_group(self, photos: list[Image.Image], keys: list[str]) -> dict[str, "BatchOutput | Exception"]:
-        """One backbone pass for the models in `keys` (they share it), then each head. What an
-        explanation needs (features, attention) is kept from this same pass."""
+    def _prepare(self, photos: list[Image.Image], key: str) -> torch.Tensor:
+        """The photos as one input batch for model `key`. For a batch, the PIL steps (resize,
+        crop) run on every core at once; the tensor steps stay on this thread (see
+        speed.TorchThread for why torch must not run on other threads)."""
+        steps = self.transforms[key].transforms
+        split = next(i for i, step in enumerate(steps) if isinstance(step, T.ToTensor))
+        pil_steps, tensor_steps = T.Compose(steps[:split]), T.Compose(steps[split:])
+        resized = map(pil_steps, photos) if len(photos) == 1 else self._prepare_pool.map(pil_steps, photos)
+        return torch.stack([tensor_steps(p) for p in resized])
+
+    def forward_group(self, photos: list[Image.Image], keys: list[str],
+                      evidence: bool = True) -> dict[str, "BatchOutput | Exception"]:
+        """One backbone pass for the models in `keys` (they share it), then each head. With
+        `evidence`, what an explanation needs (attention) is kept from this same pass. The backbone
+        runs in the micro-batches it is fastest at here; the tops and heads, cheap, on the whole batch."""
         start = time.perf_counter()
         with self._lock, torch.inference_mode():
             for key in keys:
                 self.recorders[key].take()  # drop anything a failed earlier call left behind
+                self.recorders[key].keeping = evidence  # a ViT-B's maps for 16 photos: 360 MB
             try:
-                x = torch.stack([self.transforms[keys[0]](p) for p in photos])
+                x = self._prepare(photos, keys[0])
                 model = self.models[keys[0]].model
                 if id(model.backbone) in self._channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                shared = model.shared_features(x)
+                shared = self.micro_batches[keys[0]].run(model.shared_features, x)
             except Exception as exc:  # noqa: BLE001 - one failing model must not take the others down
                 return {k: exc for k in keys}
             shared_ms = (time.perf_counter() - start) * 1000

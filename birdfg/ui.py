@@ -12,6 +12,7 @@ Events
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -20,13 +21,14 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from birdfg import speed
 from birdfg.app_state import (DEFAULT_OPACITY, MAX_BATCH, MEAN_HEADS, PREDICTED, ROLLOUT, ModelSets, ResultCache,
                               SetError, View, agreement, attention_choices, classify_files, display_table,
                               OutputFiles, find_examples, map_caption, model_header, read_report, render_overlay,
                               render_pairs, species_choices, top5)
 from birdfg.compare import Comparator, Comparison
 from birdfg.images import ImageError
-from birdfg.memory import release_free_memory
+from birdfg.memory import GrowthGuard
 from birdfg.models import ENSEMBLE_KEY, MODEL_KEYS
 
 log = logging.getLogger("birdfg.app")
@@ -88,6 +90,7 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
     are written to `output_files` and, like uploads, leave Gradio's cache after its `keep_s` seconds."""
     cache = cache or ResultCache()
     output_files = output_files or OutputFiles()
+    memory_guard = GrowthGuard()
     sets.on_evict.append(cache.drop_set)
     comparator, problem = None, None
     try:
@@ -118,7 +121,7 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
             message = f"Something went wrong while comparing ({type(exc).__name__}: {exc})."
             return _error_answer(message), *none, view
         finally:
-            release_free_memory()
+            memory_guard.check()
         cache.put(_session(request), set_name, comparison)
         return comparison.to_json(), *[draw(comparison, key, view) for key in MODEL_KEYS], view
 
@@ -344,7 +347,8 @@ def serve(checkpoints: Path | None = None, hub_repo: str | None = None, examples
     demo = build(sets, examples, output_files=OutputFiles(keep_s=keep_files_s, prune_every_s=min(keep_files_s, 60)))
     # Two CPU cores: one model pass at a time (concurrency_id "models"), two cheap re-renders.
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=2)
-    demo.launch(
+    launch = functools.partial(
+        demo.launch,
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=port or int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
         max_file_size=MAX_FILE_SIZE,
@@ -353,4 +357,12 @@ def serve(checkpoints: Path | None = None, hub_repo: str | None = None, examples
         footer_links=["api"],
         ssr_mode=False,
         show_error=False,
+        prevent_thread_lock=True,
     )
+    try:
+        # This thread runs the requests' model work from here on (see speed.TorchThread).
+        speed.TORCH_THREAD.serve_forever(start=launch)
+    except KeyboardInterrupt:
+        log.info("interrupted: closing the server")
+    finally:
+        demo.close()

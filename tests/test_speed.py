@@ -4,13 +4,17 @@ the faster overlay draws the same pixels as the straightforward one. (Timings li
 benchmarks/bench_compare.py, never here.)"""
 from __future__ import annotations
 
+import _thread
+import operator
+import threading
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch import nn
 
-from birdfg import speed
+from birdfg import memory, speed
 from birdfg.checkpoints import load_set
 from birdfg.compare import Comparator
 from birdfg.explain import TURBO, crop_box, normalise, overlay
@@ -90,6 +94,79 @@ def test_tuned_comparator_answers_like_plain_fp32_eager(untrained_lite_set, phot
         batch = tuned.classify([Image.open(photo).convert("RGB")])
         for key in plain.models:
             assert int(batch[key].argmax(-1)) == slow.predicted(key)
+
+
+def test_micro_batch_tries_each_size_then_keeps_the_fastest_per_photo():
+    micro = speed.MicroBatch(candidates=(1, 2, 4), trials=2)
+    # This fake backbone costs 3 s per photo alone, 1 s per photo in pairs, 2 s per photo in fours.
+    cost_per_photo = {1: 3.0, 2: 1.0, 4: 2.0}
+    sizes = []
+    for _ in range(4):
+        remaining = 8
+        while remaining:
+            size = micro.next_size(remaining)
+            sizes.append(size)
+            micro.record(size, cost_per_photo[size] * size)
+            remaining -= size
+    # First batch: 1, 1, 2, 2 tried, and the last two photos go as the better of those; second: 4, 4.
+    assert sizes[:7] == [1, 1, 2, 2, 2, 4, 4]
+    assert set(sizes[7:]) == {2}
+    assert micro.next_size(8) == 2
+    assert micro.next_size(1) == 1  # never more than what is left
+
+
+def test_micro_batch_run_covers_the_batch_in_order():
+    micro = speed.MicroBatch(candidates=(1, 2, 4), trials=1)
+    batch = torch.arange(11.0).reshape(11, 1)
+    seen = []
+    out = micro.run(lambda x: (seen.append(len(x)), x * 2)[1], batch)
+    torch.testing.assert_close(out, batch * 2)
+    assert sum(seen) == 11 and seen[:3] == [1, 2, 4]
+
+
+def test_batches_answer_like_one_photo_at_a_time(untrained_lite_set, photos):
+    tuned = Comparator(load_set(untrained_lite_set))
+    opened = [Image.open(p).convert("RGB") for p in photos] * 3  # 12: every micro-batch size is tried
+    for _ in range(2):
+        batched = tuned.classify(opened)
+    for j, photo in enumerate(opened[:4]):
+        single = tuned.classify([photo])
+        for key in tuned.models:
+            torch.testing.assert_close(batched[key][j], single[key][0], atol=1e-4, rtol=0)
+    assert not any(r.attentions for r in tuned.recorders.values())  # a batch keeps no attention
+
+
+def test_growth_guard_trims_only_past_the_first_requests_rss():
+    guard = memory.GrowthGuard(growth=10.0)
+    assert memory.rss_bytes() > 0
+    assert not guard.check()  # the first request sets the baseline
+    assert not guard.check()
+    guard.growth = -1.0  # any RSS is now "grown"
+    assert guard.check()
+
+
+def test_torch_thread_runs_other_threads_work_on_the_main_thread():
+    runner = speed.TorchThread()
+    main = threading.get_ident()
+    seen = []
+
+    def request_thread():
+        seen.append(runner.call(threading.get_ident))
+        try:
+            runner.call(operator.truediv, 1, 0)
+        except ZeroDivisionError:
+            seen.append("raised here")
+        _thread.interrupt_main()  # how Ctrl-C stops the app
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.serve_forever(start=threading.Thread(target=request_thread).start, poll_s=0.05)
+    assert seen == [main, "raised here"]
+    assert not runner.serving
+    elsewhere = []  # not serving: a call runs where it is made
+    thread = threading.Thread(target=lambda: elsewhere.append(runner.call(threading.get_ident)))
+    thread.start()
+    thread.join()
+    assert elsewhere == [thread.ident]
 
 
 def _reference_overlay(image, heat, box, opacity=0.5):
