@@ -33,9 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from birdfg.memory import tune_malloc
+    from birdfg import process
 
-    tune_malloc()  # before torch and the server start their threads
+    process.configure()  # before torch is imported and the server starts its threads
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     from birdfg.ui import serve  # heavy imports after --help

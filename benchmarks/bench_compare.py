@@ -49,9 +49,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from birdfg.memory import tune_malloc  # noqa: E402
+from birdfg import process  # noqa: E402
 
-tune_malloc()  # the app's malloc settings, before torch starts threads: they change the timings
+process.configure()  # the app's process settings, before torch is imported: they change the timings
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -6,6 +6,7 @@ on every val photo); benchmarks/README.md lists what was tried and what each one
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 import os
@@ -210,6 +211,8 @@ class TorchThread:
     from a pool of threads and 49.5 ms after (the Lite0 trunk 15.7 -> 21.4 ms per photo pair).
     So the app's request threads hand model work to the main thread, which does nothing else once
     the server is up (`serve_forever`). Until then (scripts, tests) a call runs where it is made.
+    Each hand-over costs a thread switch, a few ms on a busy machine: hand over a whole event's
+    work at once (the app's handlers are decorated), not each small step.
     """
 
     def __init__(self):
@@ -225,8 +228,8 @@ class TorchThread:
         job: Future = Future()
         with self._handing_in:
             handed_in = self.serving and threading.current_thread() is not threading.main_thread()
-            if handed_in:
-                self._jobs.put((job, fn, args, kwargs))
+            if handed_in:  # with the caller's context variables (Gradio finds its request in them)
+                self._jobs.put((job, functools.partial(contextvars.copy_context().run, fn), args, kwargs))
         return job.result() if handed_in else fn(*args, **kwargs)
 
     def serve_forever(self, start: Callable[[], object] = lambda: None, poll_s: float = 0.5) -> None:

@@ -103,7 +103,9 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
         return sets.get(name)
 
     # --- handlers (thin: app_state does the work) ----------------------------------------------
+    # Those that run models run on the torch thread, each as one job (see speed.TorchThread).
 
+    @speed.on_torch_thread
     def compare(image: Any, set_name: str, view: View, request: gr.Request):
         """The API event: JSON answer + three overlays (+ the session's view, reset to predicted)."""
         view = View(PREDICTED, view.opacity, view.layer, view.head)
@@ -138,6 +140,7 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
     def captions(comparison: Comparison | None, view: View) -> list[str]:
         return [map_caption(comparison, key, view) if comparison else "" for key in MODEL_KEYS]
 
+    @speed.on_torch_thread
     def details(set_name: str, view: View, request: gr.Request):
         """After a comparison: headers, top-5 labels, channel pairs, ensemble and agreement."""
         comparison = cache.get(_session(request), set_name)
@@ -151,6 +154,7 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
         return (*headers, *labels, *captions(comparison, view), pair_files(comparison, view),
                 top5(comparison, ENSEMBLE_KEY), agreement(comparison), gr.update(value=PREDICTED))
 
+    @speed.on_torch_thread
     def rerender(species: str, opacity: float, layer: str, head: str, set_name: str, request: gr.Request):
         view = View(species or PREDICTED, float(opacity), layer or ROLLOUT, head or MEAN_HEADS)
         comparison = cache.get(_session(request), set_name)
@@ -162,6 +166,7 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
     def pair_files(comparison: Comparison | None, view: View) -> list[tuple[str, str]]:
         return [(output_files.image(image, "pair_"), caption) for image, caption in render_pairs(comparison, view)]
 
+    @speed.on_torch_thread
     def select_set(name: str, current_name: str, request: gr.Request):
         try:
             chosen = comparator_for(name)
@@ -186,6 +191,7 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
         values += _report_values(report)
         return values
 
+    @speed.on_torch_thread
     def batch(files: list[str] | None, set_name: str):
         if not files:
             gr.Warning("Add some photos first (several files at once).")

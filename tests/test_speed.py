@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import _thread
 import operator
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from birdfg import memory, speed
+from birdfg import memory, process, speed
 from birdfg.checkpoints import load_set
 from birdfg.compare import Comparator
 from birdfg.explain import TURBO, crop_box, normalise, overlay
@@ -167,6 +171,15 @@ def test_torch_thread_runs_other_threads_work_on_the_main_thread():
     thread.start()
     thread.join()
     assert elsewhere == [thread.ident]
+
+
+def test_process_settings_reach_openmp_before_torch_loads():
+    code = ("from birdfg import process; process.configure(); import os, torch; "
+            "print(os.environ['GOMP_SPINCOUNT'], torch.get_num_threads() >= 1)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1], env={**os.environ, "GOMP_SPINCOUNT": ""})
+    assert out.stdout.split() == [str(process.GOMP_SPIN_COUNT), "True"], out.stderr
+    assert "imported before" not in out.stderr
 
 
 def _reference_overlay(image, heat, box, opacity=0.5):
