@@ -17,7 +17,6 @@ Also `main_only`: every comparison from the main thread itself (no pool), for re
 """
 from __future__ import annotations
 
-import _thread
 import argparse
 import json
 import os
@@ -75,11 +74,8 @@ def run_variant(where: str, malloc: str, photos: list[Path], requests: int) -> d
             try:
                 send_all()
             finally:
-                _thread.interrupt_main()
-        try:
-            speed.TORCH_THREAD.serve_forever(start=threading.Thread(target=client).start, poll_s=0.05)
-        except KeyboardInterrupt:
-            pass
+                speed.TORCH_THREAD.stop()
+        speed.TORCH_THREAD.serve_forever(start=threading.Thread(target=client).start, poll_s=0.05)
     else:
         send_all()
     steady = times[len(times) // 4:]  # the first requests build each thread's state

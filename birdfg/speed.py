@@ -201,6 +201,9 @@ class MicroBatch:
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
+_STOP = object()
+
+
 class TorchThread:
     """Runs torch work on one thread of the process: the main one.
 
@@ -234,7 +237,7 @@ class TorchThread:
 
     def serve_forever(self, start: Callable[[], object] = lambda: None, poll_s: float = 0.5) -> None:
         """Call `start` (e.g. start the server), then run the jobs other threads hand in, until
-        KeyboardInterrupt (which is re-raised). Calls made once `start` begins are queued."""
+        `stop()` or KeyboardInterrupt (re-raised). Calls made once `start` begins are queued."""
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("TorchThread.serve_forever must run on the main thread.")
         self._serving.set()
@@ -242,14 +245,23 @@ class TorchThread:
             start()
             while True:
                 try:
-                    self._run(*self._jobs.get(timeout=poll_s))
+                    job = self._jobs.get(timeout=poll_s)  # a timeout, so that Ctrl-C gets through
                 except queue.Empty:
                     continue
+                if job is _STOP:
+                    return
+                self._run(*job)
         finally:
             with self._handing_in:
                 self._serving.clear()
             while not self._jobs.empty():  # handed in while stopping: run, so no caller hangs
-                self._run(*self._jobs.get())
+                job = self._jobs.get()
+                if job is not _STOP:
+                    self._run(*job)
+
+    def stop(self) -> None:
+        """Make `serve_forever` return once the jobs handed in before are done (from any thread)."""
+        self._jobs.put(_STOP)
 
     @staticmethod
     def _run(job: Future, fn: Callable, args: tuple, kwargs: dict) -> None:
