@@ -166,16 +166,20 @@ class MicroBatch:
     times, and later ones use the size with the best time per photo. Any size gives the same
     answers (up to float rounding)."""
 
-    def __init__(self, candidates: tuple[int, ...] = (1, 2, 4, 8), trials: int = 2):
+    def __init__(self, candidates: tuple[int, ...] = (1, 2, 4, 8), trials: int = 2, revisit_every: int = 50):
         self.candidates = candidates
         self.trials = trials  # the first run of a new size also builds its oneDNN kernels
+        # Every `revisit_every` runs each size gets one more try: a size first timed while the
+        # machine was busy is not written off for good.
+        self.revisit_every = revisit_every
         self.runs = {size: 0 for size in candidates}
         self.best_s_per_photo: dict[int, float] = {}
 
     def next_size(self, remaining: int) -> int:
         """How many of the `remaining` photos to run now."""
         fitting = [size for size in self.candidates if size <= remaining]
-        untried = [size for size in fitting if self.runs[size] < self.trials]
+        wanted = self.trials + sum(self.runs.values()) // self.revisit_every
+        untried = [size for size in fitting if self.runs[size] < wanted]
         if untried:
             return untried[0]
         if not fitting:

@@ -118,6 +118,19 @@ def test_micro_batch_tries_each_size_then_keeps_the_fastest_per_photo():
     assert micro.next_size(1) == 1  # never more than what is left
 
 
+def test_micro_batch_tries_every_size_again_now_and_then():
+    micro = speed.MicroBatch(candidates=(1, 2), trials=1, revisit_every=10)
+    micro.record(1, 5.0)  # timed while the machine was busy
+    micro.record(2, 2.0)
+    sizes = []
+    for _ in range(12):
+        size = micro.next_size(2)
+        sizes.append(size)
+        micro.record(size, 0.5 * size if size == 1 else 1.0 * size)  # quiet now: 1 is the faster
+    assert sizes[:8] == [2] * 8 and 1 in sizes[8:]
+    assert micro.next_size(2) == 1
+
+
 def test_micro_batch_run_covers_the_batch_in_order():
     micro = speed.MicroBatch(candidates=(1, 2, 4), trials=1)
     batch = torch.arange(11.0).reshape(11, 1)
