@@ -257,7 +257,7 @@ def batch_rate(comparator: Comparator, photos: list[Image.Image], batch_size: in
         single.append(one_pass(1))
         batched.append(one_pass(batch_size))
     single_ips, batched_ips = statistics.median(single), statistics.median(batched)
-    micro = {keys[0]: {"chosen": comparator.micro_batches[keys[0]].next_size(batch_size),
+    micro = {keys[0]: {"chosen": comparator.micro_batches[keys[0]].fastest(batch_size),
                        "ms_per_photo": {size: round(s * 1000, 1) for size, s in
                                         comparator.micro_batches[keys[0]].best_s_per_photo.items()}}
              for keys in comparator.groups}

@@ -182,9 +182,12 @@ class MicroBatch:
         untried = [size for size in fitting if self.runs[size] < wanted]
         if untried:
             return untried[0]
-        if not fitting:
-            return remaining
-        return min(fitting, key=lambda size: self.best_s_per_photo[size])
+        return self.fastest(remaining)
+
+    def fastest(self, at_most: int) -> int:
+        """The timed size up to `at_most` with the best time per photo (`at_most` if none is)."""
+        timed = [size for size in self.best_s_per_photo if size <= at_most]
+        return min(timed, key=self.best_s_per_photo.__getitem__) if timed else at_most
 
     def record(self, size: int, seconds: float) -> None:
         if size not in self.runs:
