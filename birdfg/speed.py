@@ -278,6 +278,8 @@ class TorchThread:
             job.set_result(fn(*args, **kwargs))
         except BaseException as exc:  # noqa: BLE001 - the caller re-raises it
             job.set_exception(exc)
+            if isinstance(exc, KeyboardInterrupt):  # Ctrl-C during a job still stops the server
+                raise
 
 
 TORCH_THREAD = TorchThread()
