@@ -19,8 +19,13 @@ from birdfg import speed
 from birdfg.backbones import backbone_cfg
 from birdfg.checkpoints import LoadedModel, ModelSet
 from birdfg.data import build_transform, display_name
-from birdfg.explain import (AttentionRecorder, attention_rollout, class_token_attention, crop_box,
-                            overlay)
+from birdfg.explain import (
+    AttentionRecorder,
+    attention_rollout,
+    class_token_attention,
+    crop_box,
+    overlay,
+)
 from birdfg.heads import BilinearHead, LinearHead
 from birdfg.images import ImageSource, open_rgb
 from birdfg.models import ENSEMBLE_KEY
@@ -148,7 +153,9 @@ class Comparator:
         self.models = model_set.models
         self.classes = next(iter(self.models.values())).classes
         self.recorders = {k: AttentionRecorder(m.model) for k, m in self.models.items()}
-        self.transforms = {k: build_transform(m.preprocess, train=False) for k, m in self.models.items()}
+        # Each model's eval transform as (PIL steps, tensor steps): see _prepare.
+        self.transforms = {k: _split_at_to_tensor(build_transform(m.preprocess, train=False))
+                           for k, m in self.models.items()}
         self.groups = self._group_by_backbone()
         self.micro_batches = {keys[0]: speed.MicroBatch() for keys in self.groups}
         # PIL's resize lets go of the GIL: a batch's photos are prepared on every core at once.
@@ -236,9 +243,7 @@ class Comparator:
         """The photos as one input batch for model `key`. For a batch, the PIL steps (resize,
         crop) run on every core at once; the tensor steps stay on this thread (see
         speed.TorchThread for why torch must not run on other threads)."""
-        steps = self.transforms[key].transforms
-        split = next(i for i, step in enumerate(steps) if isinstance(step, T.ToTensor))
-        pil_steps, tensor_steps = T.Compose(steps[:split]), T.Compose(steps[split:])
+        pil_steps, tensor_steps = self.transforms[key]
         resized = map(pil_steps, photos) if len(photos) == 1 else self._prepare_pool.map(pil_steps, photos)
         return torch.stack([tensor_steps(p) for p in resized])
 
@@ -273,6 +278,12 @@ class Comparator:
                     continue
                 out[key].latency_ms = shared_ms + (time.perf_counter() - start) * 1000
         return out
+
+
+def _split_at_to_tensor(transform: T.Compose) -> tuple[T.Compose, T.Compose]:
+    steps = transform.transforms
+    split = next(i for i, step in enumerate(steps) if isinstance(step, T.ToTensor))
+    return T.Compose(steps[:split]), T.Compose(steps[split:])
 
 
 @dataclass
