@@ -37,6 +37,11 @@ VARIANTS = [("main_only", "guard"), ("pool_threads", "trim_each"), ("pool_thread
             ("torch_thread", "trim_each"), ("torch_thread", "guard")]
 
 
+def request_photos(data: Path) -> list[Path]:
+    """Every tenth val photo: the requests cycle through these."""
+    return sorted((data / "val_images").rglob("*.jpg"))[::10]
+
+
 def run_variant(where: str, malloc: str, photos: list[Path], requests: int) -> dict:
     """One variant, in this (fresh) process."""
     from birdfg import memory, process
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--requests", type=int, default=40)
     args = p.parse_args(argv)
-    photos = sorted((args.data / "val_images").rglob("*.jpg"))[::10]
+    photos = request_photos(args.data)
     if not photos:
         print(f"error: no photos under {args.data / 'val_images'}; pass --data", file=sys.stderr)
         return 2
@@ -107,8 +112,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "--variant":
-        data = Path(sys.argv[4])
-        photos = sorted((data / "val_images").rglob("*.jpg"))[::10]
-        print(json.dumps(run_variant(sys.argv[2], sys.argv[3], photos, int(sys.argv[5]))))
+        print(json.dumps(run_variant(sys.argv[2], sys.argv[3], request_photos(Path(sys.argv[4])), int(sys.argv[5]))))
         raise SystemExit(0)
     raise SystemExit(main())

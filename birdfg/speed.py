@@ -235,12 +235,13 @@ class TorchThread:
         return self._serving.is_set()
 
     def call(self, fn: Callable[..., Result], /, *args, **kwargs) -> Result:
-        job: Future = Future()
         with self._handing_in:
-            handed_in = self.serving and threading.current_thread() is not threading.main_thread()
-            if handed_in:  # with the caller's context variables (Gradio finds its request in them)
+            if not self.serving or threading.current_thread() is threading.main_thread():
+                job = None
+            else:  # with the caller's context variables (Gradio finds its request in them)
+                job = Future()
                 self._jobs.put((job, functools.partial(contextvars.copy_context().run, fn), args, kwargs))
-        return job.result() if handed_in else fn(*args, **kwargs)
+        return fn(*args, **kwargs) if job is None else job.result()
 
     def serve_forever(self, start: Callable[[], object] = lambda: None, poll_s: float = 0.5) -> None:
         """Call `start` (e.g. start the server), then run the jobs other threads hand in, until
@@ -276,7 +277,7 @@ class TorchThread:
             return
         try:
             job.set_result(fn(*args, **kwargs))
-        except BaseException as exc:  # noqa: BLE001 - the caller re-raises it
+        except BaseException as exc:  # the caller re-raises it
             job.set_exception(exc)
             if isinstance(exc, KeyboardInterrupt):  # Ctrl-C during a job still stops the server
                 raise
