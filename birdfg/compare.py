@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,8 +136,8 @@ def explanation(head_module: torch.nn.Module, features: torch.Tensor, attentions
 
 class Comparator:
     """Runs a model set on photos. Build once at start-up and share: calls from several threads
-    are serialised around the forward pass (the attention recorders hold per-call state, and two
-    CPU cores gain nothing from running two passes at once).
+    are serialised around the forward pass (the attention recorders hold per-call state, and a
+    pass already keeps every core busy: a batch is split across them, see speed.PerCore).
 
     With `tune` (the default) the models are made faster for inference in place (they belong to
     the Comparator from then on: channels-last convolutional backbones with BatchNorm folded into
@@ -158,8 +157,7 @@ class Comparator:
                            for k, m in self.models.items()}
         self.groups = self._group_by_backbone()
         self.micro_batches = {keys[0]: speed.MicroBatch() for keys in self.groups}
-        # PIL's resize lets go of the GIL: a batch's photos are prepared on every core at once.
-        self._prepare_pool = ThreadPoolExecutor(speed.usable_cpus(), thread_name_prefix="birdfg-prepare")
+        self.cores = speed.PerCore()
         self._lock = threading.Lock()
         self._channels_last: set[int] = set()  # id() of backbones tuned to take NHWC input
         self.tuning: dict[str, dict] = {}
@@ -231,38 +229,50 @@ class Comparator:
 
     @speed.on_torch_thread
     def classify(self, photos: list[Image.Image]) -> dict[str, torch.Tensor | Exception]:
-        """Class probabilities (B, classes) of each model for already-opened photos, in batches;
-        a model that fails gives its exception instead."""
+        """Class probabilities (B, classes) of each model for already-opened photos, the batch
+        split across the CPUs; a model that fails gives its exception instead."""
         probs: dict[str, torch.Tensor | Exception] = {}
-        for keys in self.groups:
-            for key, out in self.forward_group(photos, keys, evidence=False).items():
-                probs[key] = out if isinstance(out, Exception) else out.probs
+        with self._lock:
+            for keys in self.groups:
+                self._record_attention(keys, False)  # a ViT-B's maps for 16 photos: 360 MB
+                parts = self.cores.map(lambda part, keys=keys: self._forward(part, keys), photos)
+                for key in keys:
+                    outs = [part[key] for part in parts]
+                    failed = [out for out in outs if isinstance(out, Exception)]
+                    probs[key] = failed[0] if failed else torch.cat([out.probs for out in outs])
         return {k: probs[k] for k in self.models}
 
-    def _prepare(self, photos: list[Image.Image], key: str) -> torch.Tensor:
-        """The photos as one input batch for model `key`. For a batch, the PIL steps (resize,
-        crop) run on every core at once; the tensor steps stay on this thread (see
-        speed.TorchThread for why torch must not run on other threads)."""
-        pil_steps, tensor_steps = self.transforms[key]
-        resized = map(pil_steps, photos) if len(photos) == 1 else self._prepare_pool.map(pil_steps, photos)
-        return torch.stack([tensor_steps(p) for p in resized])
-
     def forward_group(self, photos: list[Image.Image], keys: list[str],
-                      evidence: bool = True) -> dict[str, "BatchOutput | Exception"]:
+                      evidence: bool = True) -> dict[str, BatchOutput | Exception]:
         """One backbone pass for the models in `keys` (they share it), then each head. With
-        `evidence`, what an explanation needs (attention) is kept from this same pass. The backbone
-        runs in the micro-batches it is fastest at here; the tops and heads, cheap, on the whole batch."""
+        `evidence`, what an explanation needs (attention) is kept from this same pass."""
+        with self._lock:
+            self._record_attention(keys, evidence)
+            return self._forward(photos, keys)
+
+    def _record_attention(self, keys: list[str], keeping: bool) -> None:
+        for key in keys:
+            self.recorders[key].take()  # drop anything a failed earlier call left behind
+            self.recorders[key].keeping = keeping
+
+    def _prepare(self, photos: list[Image.Image], key: str) -> torch.Tensor:
+        pil_steps, tensor_steps = self.transforms[key]
+        x = torch.stack([tensor_steps(pil_steps(photo)) for photo in photos])
+        backbone = self.models[key].model.backbone
+        return x.contiguous(memory_format=torch.channels_last) if id(backbone) in self._channels_last else x
+
+    def _forward(self, photos: list[Image.Image], keys: list[str]) -> dict[str, BatchOutput | Exception]:
+        """forward_group's work, on the calling thread. A batch's backbone runs in the
+        micro-batches it is fastest at here; the tops and heads, cheap, on the whole batch."""
         start = time.perf_counter()
-        with self._lock, torch.inference_mode():
-            for key in keys:
-                self.recorders[key].take()  # drop anything a failed earlier call left behind
-                self.recorders[key].keeping = evidence  # a ViT-B's maps for 16 photos: 360 MB
+        with torch.inference_mode():
             try:
                 x = self._prepare(photos, keys[0])
                 model = self.models[keys[0]].model
-                if id(model.backbone) in self._channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                shared = self.micro_batches[keys[0]].run(model.shared_features, x)
+                if len(x) == 1:
+                    shared = model.shared_features(x)
+                else:
+                    shared = self.micro_batches[keys[0]].run(model.shared_features, x)
             except Exception as exc:  # noqa: BLE001 - one failing model must not take the others down
                 return {k: exc for k in keys}
             shared_ms = (time.perf_counter() - start) * 1000

@@ -17,20 +17,29 @@ class AttentionRecorder:
     timm's fused attention (scaled_dot_product_attention) never materialises the matrix, so the
     recorder switches fusion off for the recorded modules and hooks `attn_drop`, which receives
     the softmax output; the forward pass is otherwise unchanged, so the prediction and the
-    explanation come from the same run. With `keeping` False it records nothing (batches that
-    only want class probabilities).
+    explanation come from the same run. With `keeping` False it records nothing and fusion is
+    back on (batches that only want class probabilities).
     """
 
     def __init__(self, module: nn.Module):
         self.attentions: list[torch.Tensor] = []
-        self.keeping = True
         self.layers = [m for m in module.modules() if isinstance(m, Attention)]
         for layer in self.layers:
-            layer.fused_attn = False
             layer.attn_drop.register_forward_hook(self._keep)
+        self.keeping = True
+
+    @property
+    def keeping(self) -> bool:
+        return self._keeping
+
+    @keeping.setter
+    def keeping(self, keeping: bool) -> None:
+        self._keeping = keeping
+        for layer in self.layers:
+            layer.fused_attn = not keeping
 
     def _keep(self, _module, _inputs, output: torch.Tensor) -> None:
-        if self.keeping:
+        if self._keeping:
             self.attentions.append(output.detach())
 
     def take(self) -> list[torch.Tensor]:

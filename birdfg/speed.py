@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import itertools
 import math
 import os
 import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TypeVar
 
@@ -159,12 +160,13 @@ def limit_threads() -> int:
 class MicroBatch:
     """The micro-batch a backbone runs fastest at on this machine, learnt from the batches it runs.
 
-    Bigger batches are not always faster on a CPU: EfficientNet-Lite0 at 320 px ran 19 ms per
-    photo one at a time, 16 at two and 21 at four here (four photos' activations no longer fit
-    the 32 MB L3 cache), while ResNet-152 kept gaining up to eight (164, 149, 146, 140 ms).
+    Bigger batches are not always faster on a CPU: on one core, the EfficientNet-Lite0 trunk at
+    320 px took 40 ms per photo one at a time, 34 in pairs, 37 in fours and 43 in eights here
+    (more than two photos' 160x160 activations, 9.8 MB each, no longer stay in cache), while
+    ResNet-152 kept gaining up to eight (164, 149, 146, 140 ms on two cores).
     Rather than guess per backbone and machine, the first batches try every candidate size a few
     times, and later ones use the size with the best time per photo. Any size gives the same
-    answers (up to float rounding)."""
+    answers (up to float rounding). Safe to share between threads (PerCore's workers do)."""
 
     def __init__(self, candidates: tuple[int, ...] = (1, 2, 4, 8), trials: int = 2, revisit_every: int = 50):
         self.candidates = candidates
@@ -174,15 +176,15 @@ class MicroBatch:
         self.revisit_every = revisit_every
         self.runs = {size: 0 for size in candidates}
         self.best_s_per_photo: dict[int, float] = {}
+        self._lock = threading.Lock()
 
     def next_size(self, remaining: int) -> int:
         """How many of the `remaining` photos to run now."""
-        fitting = [size for size in self.candidates if size <= remaining]
-        wanted = self.trials + sum(self.runs.values()) // self.revisit_every
-        untried = [size for size in fitting if self.runs[size] < wanted]
-        if untried:
-            return untried[0]
-        return self.fastest(remaining)
+        with self._lock:
+            fitting = [size for size in self.candidates if size <= remaining]
+            wanted = self.trials + sum(self.runs.values()) // self.revisit_every
+            untried = [size for size in fitting if self.runs[size] < wanted]
+            return untried[0] if untried else self.fastest(remaining)
 
     def fastest(self, at_most: int) -> int:
         """The timed size up to `at_most` with the best time per photo (`at_most` if none is)."""
@@ -192,9 +194,10 @@ class MicroBatch:
     def record(self, size: int, seconds: float) -> None:
         if size not in self.runs:
             return
-        self.runs[size] += 1
         per_photo = seconds / size
-        self.best_s_per_photo[size] = min(per_photo, self.best_s_per_photo.get(size, per_photo))
+        with self._lock:
+            self.runs[size] += 1
+            self.best_s_per_photo[size] = min(per_photo, self.best_s_per_photo.get(size, per_photo))
 
     def run(self, forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
         """`forward(batch)`, computed in micro-batches of the sizes chosen, each one timed."""
@@ -206,6 +209,48 @@ class MicroBatch:
             self.record(size, time.perf_counter() - began)
             start += size
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+class PerCore:
+    """Runs the parts of a batch on every usable CPU at once: one single-threaded torch worker per
+    CPU (the calling thread is one of them), each with its own share of the photos.
+
+    Two threads inside each operator (torch's usual way) pay off for big matrix products but
+    little for the many small, memory-bound layers of a small CNN: the Lite0 trunk ran one photo
+    in 33.8 ms on two threads and 39.7 ms on one here. Splitting the batch instead keeps both
+    cores busy all the time: lite batches of 16 went from 1.4x to 1.7x the one-at-a-time rate.
+    A single-threaded worker never starts an OpenMP team, so it does not slow the main thread's
+    (see TorchThread)."""
+
+    def __init__(self, cpus: int | None = None):
+        self.cpus = cpus or usable_cpus()
+        self._helpers = (ThreadPoolExecutor(self.cpus - 1, thread_name_prefix="birdfg-core",
+                                            initializer=_one_torch_thread) if self.cpus > 1 else None)
+
+    def split(self, items: list) -> list[list]:
+        """`items` in up to `cpus` contiguous parts of near-equal size."""
+        parts = max(1, min(self.cpus, len(items)))
+        bounds = [round(i * len(items) / parts) for i in range(parts + 1)]
+        return [items[a:b] for a, b in itertools.pairwise(bounds)]
+
+    def map(self, fn: Callable[[list], Result], items: list) -> list[Result]:
+        """`fn(part)` for each part of `items` (see split), all at once; results in order."""
+        first, *rest = self.split(items)
+        if not rest:
+            return [fn(first)]
+        futures = [self._helpers.submit(fn, part) for part in rest]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return [fn(first), *(future.result() for future in futures)]
+        finally:
+            wait(futures)  # the helpers' start-up sets torch's default too: restore it after them
+            torch.set_num_threads(threads)
+
+
+def _one_torch_thread() -> None:
+    torch.get_num_threads()  # torch sets a new thread's count on first use: let that happen first
+    torch.set_num_threads(1)
 
 
 _STOP = object()
@@ -220,7 +265,8 @@ class TorchThread:
     team per request thread: on this 2-core machine a lite comparison took 35 ms before requests
     from a pool of threads and 49.5 ms after (the Lite0 trunk 15.7 -> 21.4 ms per photo pair).
     So the app's request threads hand model work to the main thread, which does nothing else once
-    the server is up (`serve_forever`). Until then (scripts, tests) a call runs where it is made.
+    the server is up (`serve_forever`). (PerCore's helpers run torch too, but single-threaded: a
+    thread that never runs a parallel region has no team.) Until then (scripts, tests) a call runs where it is made.
     Each hand-over costs a thread switch, a few ms on a busy machine: hand over a whole event's
     work at once (the app's handlers are decorated), not each small step.
     """

@@ -142,14 +142,48 @@ def test_micro_batch_run_covers_the_batch_in_order():
 
 def test_batches_answer_like_one_photo_at_a_time(untrained_lite_set, photos):
     tuned = Comparator(load_set(untrained_lite_set))
-    opened = [Image.open(p).convert("RGB") for p in photos] * 3  # 12: every micro-batch size is tried
+    tuned.cores = speed.PerCore(2)  # split across two workers even where the machine has one CPU
+    opened = [Image.open(p).convert("RGB") for p in photos] * 5  # 10 per worker: every micro-batch size is tried
     for _ in range(2):
         batched = tuned.classify(opened)
-    for j, photo in enumerate(opened[:4]):
+    assert {len(batched[key]) for key in tuned.models} == {len(opened)}
+    for j, photo in enumerate(opened[:4] + opened[-4:]):
         single = tuned.classify([photo])
         for key in tuned.models:
-            torch.testing.assert_close(batched[key][j], single[key][0], atol=1e-4, rtol=0)
+            torch.testing.assert_close(batched[key][j % 4], single[key][0], atol=1e-4, rtol=0)
     assert not any(r.attentions for r in tuned.recorders.values())  # a batch keeps no attention
+    assert all(layer.fused_attn for r in tuned.recorders.values() for layer in r.layers)
+    assert tuned.compare(photos[0]).results["vit"].attentions  # a comparison records it again
+
+
+def test_per_core_splits_in_order_and_restores_the_thread_count():
+    cores = speed.PerCore(3)
+    assert cores.split(list(range(8))) == [[0, 1, 2], [3, 4], [5, 6, 7]]
+    assert cores.split([1]) == [[1]] and cores.split([]) == [[]]
+    threads = torch.get_num_threads()
+    seen = []
+
+    def work(part):
+        seen.append((threading.get_ident(), torch.get_num_threads()))
+        return [x * 2 for x in part]
+
+    doubled = cores.map(work, list(range(7)))
+    assert [len(part) for part in doubled] == [2, 3, 2] and sum(doubled, []) == [x * 2 for x in range(7)]
+    assert {n for _, n in seen} == {1}  # every worker runs torch single-threaded
+    assert threading.get_ident() in {ident for ident, _ in seen}  # the caller is one of them
+    assert torch.get_num_threads() == threads
+
+    def fail(part):
+        raise ValueError(part)
+
+    with pytest.raises(ValueError):
+        cores.map(fail, [1, 2, 3])
+    assert torch.get_num_threads() == threads
+    fresh = []  # a thread started later still gets the process's count, not a worker's
+    thread = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert fresh == [threads]
 
 
 def test_growth_guard_trims_only_past_the_first_requests_rss():
