@@ -231,11 +231,14 @@ class Comparator:
     def classify(self, photos: list[Image.Image]) -> dict[str, torch.Tensor | Exception]:
         """Class probabilities (B, classes) of each model for already-opened photos, the batch
         split across the CPUs; a model that fails gives its exception instead."""
+        if not photos:
+            raise ValueError("No photos to classify.")
         probs: dict[str, torch.Tensor | Exception] = {}
         with self._lock:
             for keys in self.groups:
                 self._record_attention(keys, False)  # a ViT-B's maps for 16 photos: 360 MB
-                parts = self.cores.map(lambda part, keys=keys: self._forward(part, keys), photos)
+                parts = self.cores.run(lambda chunk, keys=keys: self._forward(chunk, keys), photos,
+                                       self.micro_batches[keys[0]])
                 for key in keys:
                     outs = [part[key] for part in parts]
                     failed = [out for out in outs if isinstance(out, Exception)]
@@ -262,17 +265,12 @@ class Comparator:
         return x.contiguous(memory_format=torch.channels_last) if id(backbone) in self._channels_last else x
 
     def _forward(self, photos: list[Image.Image], keys: list[str]) -> dict[str, BatchOutput | Exception]:
-        """forward_group's work, on the calling thread. A batch's backbone runs in the
-        micro-batches it is fastest at here; the tops and heads, cheap, on the whole batch."""
+        """forward_group's work, on the calling thread."""
         start = time.perf_counter()
         with torch.inference_mode():
             try:
                 x = self._prepare(photos, keys[0])
-                model = self.models[keys[0]].model
-                if len(x) == 1:
-                    shared = model.shared_features(x)
-                else:
-                    shared = self.micro_batches[keys[0]].run(model.shared_features, x)
+                shared = self.models[keys[0]].model.shared_features(x)
             except Exception as exc:  # noqa: BLE001 - one failing model must not take the others down
                 return {k: exc for k in keys}
             shared_ms = (time.perf_counter() - start) * 1000

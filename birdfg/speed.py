@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import itertools
 import math
 import os
 import queue
@@ -158,94 +157,111 @@ def limit_threads() -> int:
 
 
 class MicroBatch:
-    """The micro-batch a backbone runs fastest at on this machine, learnt from the batches it runs.
+    """The chunk size a model runs batches fastest in on this machine, learnt from the batches it
+    runs (see PerCore: each core's worker takes one chunk at a time).
 
-    Bigger batches are not always faster on a CPU: on one core, the EfficientNet-Lite0 trunk at
-    320 px took 40 ms per photo one at a time, 34 in pairs, 37 in fours and 43 in eights here
-    (more than two photos' 160x160 activations, 9.8 MB each, no longer stay in cache), while
-    ResNet-152 kept gaining up to eight (164, 149, 146, 140 ms on two cores).
-    Rather than guess per backbone and machine, the first batches try every candidate size a few
-    times, and later ones use the size with the best time per photo. Any size gives the same
-    answers (up to float rounding). Safe to share between threads (PerCore's workers do)."""
+    Bigger chunks are not always faster on a CPU. The EfficientNet-Lite0 trunk at 320 px is
+    fastest with two photos in flight in all (one per core): more than two photos' 160x160
+    activations, 9.8 MB each, no longer stay in the 32 MB cache. ResNet-152 keeps gaining up to
+    eight. Rather than guess per model and machine, the first batches each run at one candidate
+    size (every size `trials` times), timed as a whole, and later ones use the size with the best
+    time per photo. Any size gives the same answers (up to float rounding)."""
 
     def __init__(self, candidates: tuple[int, ...] = (1, 2, 4, 8), trials: int = 2, revisit_every: int = 50):
         self.candidates = candidates
-        self.trials = trials  # the first run of a new size also builds its oneDNN kernels
-        # Every `revisit_every` runs each size gets one more try: a size first timed while the
-        # machine was busy is not written off for good.
+        self.trials = trials  # the first batch at a new size also builds its oneDNN kernels
+        # Every `revisit_every` batches each size gets one more try: a size first timed while
+        # the machine was busy is not written off for good.
         self.revisit_every = revisit_every
         self.runs = {size: 0 for size in candidates}
         self.best_s_per_photo: dict[int, float] = {}
-        self._lock = threading.Lock()
 
-    def next_size(self, remaining: int) -> int:
-        """How many of the `remaining` photos to run now."""
-        with self._lock:
-            fitting = [size for size in self.candidates if size <= remaining]
-            wanted = self.trials + sum(self.runs.values()) // self.revisit_every
-            untried = [size for size in fitting if self.runs[size] < wanted]
-            return untried[0] if untried else self.fastest(remaining)
+    def next_size(self, at_most: int) -> int:
+        """The chunk size for the next batch, given that chunks of more than `at_most` photos
+        would leave a core idle."""
+        fitting = [size for size in self.candidates if size <= at_most]
+        wanted = self.trials + sum(self.runs.values()) // self.revisit_every
+        untried = [size for size in fitting if self.runs[size] < wanted]
+        return untried[0] if untried else self.fastest(at_most)
 
     def fastest(self, at_most: int) -> int:
         """The timed size up to `at_most` with the best time per photo (`at_most` if none is)."""
         timed = [size for size in self.best_s_per_photo if size <= at_most]
         return min(timed, key=self.best_s_per_photo.__getitem__) if timed else at_most
 
-    def record(self, size: int, seconds: float) -> None:
+    def record(self, size: int, seconds: float, photos: int) -> None:
+        """A batch of `photos` took `seconds` in chunks of `size`."""
         if size not in self.runs:
             return
-        per_photo = seconds / size
-        with self._lock:
-            self.runs[size] += 1
-            self.best_s_per_photo[size] = min(per_photo, self.best_s_per_photo.get(size, per_photo))
-
-    def run(self, forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
-        """`forward(batch)`, computed in micro-batches of the sizes chosen, each one timed."""
-        outputs, start = [], 0
-        while start < len(batch):
-            size = self.next_size(len(batch) - start)
-            began = time.perf_counter()
-            outputs.append(forward(batch[start:start + size]))
-            self.record(size, time.perf_counter() - began)
-            start += size
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        per_photo = seconds / photos
+        self.runs[size] += 1
+        self.best_s_per_photo[size] = min(per_photo, self.best_s_per_photo.get(size, per_photo))
 
 
 class PerCore:
-    """Runs the parts of a batch on every usable CPU at once: one single-threaded torch worker per
-    CPU (the calling thread is one of them), each with its own share of the photos.
+    """Runs a batch on every usable CPU at once: one single-threaded torch worker per CPU (the
+    calling thread is one of them), each taking the next chunk of photos when done with its last.
 
     Two threads inside each operator (torch's usual way) pay off for big matrix products but
     little for the many small, memory-bound layers of a small CNN: the Lite0 trunk ran one photo
-    in 33.8 ms on two threads and 39.7 ms on one here. Splitting the batch instead keeps both
-    cores busy all the time: lite batches of 16 went from 1.4x to 1.7x the one-at-a-time rate.
-    A single-threaded worker never starts an OpenMP team, so it does not slow the main thread's
-    (see TorchThread)."""
+    in 33.8 ms on two threads and 39.7 ms on one here, and two threads wait on each other at
+    every operator when the host slows one of them. Independent workers keep both cores busy,
+    and a core that the host slows simply takes fewer chunks. A single-threaded worker never
+    starts an OpenMP team, so it does not slow the main thread's (see TorchThread)."""
 
     def __init__(self, cpus: int | None = None):
         self.cpus = cpus or usable_cpus()
         self._helpers = (ThreadPoolExecutor(self.cpus - 1, thread_name_prefix="birdfg-core",
                                             initializer=_one_torch_thread) if self.cpus > 1 else None)
 
-    def split(self, items: list) -> list[list]:
-        """`items` in up to `cpus` contiguous parts of near-equal size."""
-        parts = max(1, min(self.cpus, len(items)))
-        bounds = [round(i * len(items) / parts) for i in range(parts + 1)]
-        return [items[a:b] for a, b in itertools.pairwise(bounds)]
+    def run(self, fn: Callable[[list], Result], items: list, micro: MicroBatch) -> list[Result]:
+        """`fn(chunk)` for consecutive chunks of `items`, of the size `micro` picks (and learns
+        from: the whole run is timed); the results in the items' order."""
+        if len(items) < 2:  # one photo is no batch: it runs as it is, untimed
+            return [fn(items)] if items else []
+        workers = min(self.cpus, len(items))
+        size = micro.next_size(math.ceil(len(items) / workers))
+        chunks = _Chunks(items, size, fn)
+        began = time.perf_counter()
+        if workers <= 1:
+            done = chunks.work()
+        else:
+            helpers = [self._helpers.submit(chunks.work) for _ in range(workers - 1)]
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                done = chunks.work() + [chunk for helper in helpers for chunk in helper.result()]
+            finally:
+                chunks.stop()
+                wait(helpers)  # the helpers' start-up sets torch's default too: restore it after them
+                torch.set_num_threads(threads)
+        if len(items) >= workers * size:  # no core sat idle for want of a chunk: a fair time
+            micro.record(size, time.perf_counter() - began, len(items))
+        return [result for _, result in sorted(done, key=lambda pair: pair[0])]
 
-    def map(self, fn: Callable[[list], Result], items: list) -> list[Result]:
-        """`fn(part)` for each part of `items` (see split), all at once; results in order."""
-        first, *rest = self.split(items)
-        if not rest:
-            return [fn(first)]
-        futures = [self._helpers.submit(fn, part) for part in rest]
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return [fn(first), *(future.result() for future in futures)]
-        finally:
-            wait(futures)  # the helpers' start-up sets torch's default too: restore it after them
-            torch.set_num_threads(threads)
+
+class _Chunks:
+    """The chunks of one PerCore.run, handed out to its workers one at a time."""
+
+    def __init__(self, items: list, size: int, fn: Callable[[list], Result]):
+        self.items, self.size, self.fn = items, size, fn
+        self._starts = iter(range(0, len(items), size))
+        self._lock = threading.Lock()
+
+    def stop(self) -> None:
+        """Hand out no more chunks (a worker failed: the others finish theirs, then return)."""
+        with self._lock:
+            self._starts = iter(())
+
+    def work(self) -> list[tuple[int, Result]]:
+        """Runs chunks until none is left; (start, result) of each."""
+        done = []
+        while True:
+            with self._lock:
+                start = next(self._starts, None)
+            if start is None:
+                return done
+            done.append((start, self.fn(self.items[start:start + self.size])))
 
 
 def _one_torch_thread() -> None:

@@ -4,6 +4,7 @@ the faster overlay draws the same pixels as the straightforward one. (Timings li
 benchmarks/bench_compare.py, never here.)"""
 from __future__ import annotations
 
+import itertools
 import operator
 import os
 import subprocess
@@ -101,83 +102,75 @@ def test_tuned_comparator_answers_like_plain_fp32_eager(untrained_lite_set, phot
 
 def test_micro_batch_tries_each_size_then_keeps_the_fastest_per_photo():
     micro = speed.MicroBatch(candidates=(1, 2, 4), trials=2)
-    # This fake backbone costs 3 s per photo alone, 1 s per photo in pairs, 2 s per photo in fours.
+    # This fake model costs 3 s per photo in chunks of 1, 1 s in chunks of 2, 2 s in chunks of 4.
     cost_per_photo = {1: 3.0, 2: 1.0, 4: 2.0}
     sizes = []
-    for _ in range(4):
-        remaining = 8
-        while remaining:
-            size = micro.next_size(remaining)
-            sizes.append(size)
-            micro.record(size, cost_per_photo[size] * size)
-            remaining -= size
-    # First batch: 1, 1, 2, 2 tried, and the last two photos go as the better of those; second: 4, 4.
-    assert sizes[:7] == [1, 1, 2, 2, 2, 4, 4]
-    assert set(sizes[7:]) == {2}
+    for _ in range(8):
+        size = micro.next_size(8)
+        sizes.append(size)
+        micro.record(size, cost_per_photo[size] * 8, 8)
+    assert sizes == [1, 1, 2, 2, 4, 4, 2, 2]
     assert micro.next_size(8) == micro.fastest(8) == 2
-    assert micro.next_size(1) == 1  # never more than what is left
+    assert micro.next_size(1) == 1  # never chunks bigger than asked
 
 
 def test_micro_batch_tries_every_size_again_now_and_then():
     micro = speed.MicroBatch(candidates=(1, 2), trials=1, revisit_every=10)
-    micro.record(1, 5.0)  # timed while the machine was busy
-    micro.record(2, 2.0)
+    micro.record(1, 5.0, 1)  # timed while the machine was busy
+    micro.record(2, 2.0, 1)
     sizes = []
     for _ in range(12):
         size = micro.next_size(2)
         sizes.append(size)
-        micro.record(size, 0.5 * size if size == 1 else 1.0 * size)  # quiet now: 1 is the faster
+        micro.record(size, 0.5 if size == 1 else 1.0, 1)  # quiet now: 1 is the faster
     assert sizes[:8] == [2] * 8 and 1 in sizes[8:]
     assert micro.next_size(2) == 1
-
-
-def test_micro_batch_run_covers_the_batch_in_order():
-    micro = speed.MicroBatch(candidates=(1, 2, 4), trials=1)
-    batch = torch.arange(11.0).reshape(11, 1)
-    seen = []
-    out = micro.run(lambda x: (seen.append(len(x)), x * 2)[1], batch)
-    torch.testing.assert_close(out, batch * 2)
-    assert sum(seen) == 11 and seen[:3] == [1, 2, 4]
 
 
 def test_batches_answer_like_one_photo_at_a_time(untrained_lite_set, photos):
     tuned = Comparator(load_set(untrained_lite_set))
     tuned.cores = speed.PerCore(2)  # split across two workers even where the machine has one CPU
-    opened = [Image.open(p).convert("RGB") for p in photos] * 5  # 10 per worker: every micro-batch size is tried
-    for _ in range(2):
-        batched = tuned.classify(opened)
-    assert {len(batched[key]) for key in tuned.models} == {len(opened)}
-    for j, photo in enumerate(opened[:4] + opened[-4:]):
-        single = tuned.classify([photo])
+    tuned.micro_batches = {k: speed.MicroBatch(trials=1) for k in tuned.micro_batches}
+    opened = [Image.open(p).convert("RGB") for p in photos]
+    singles = [tuned.classify([photo]) for photo in opened]
+    for _ in range(4):  # chunks of 1, 2, 4 and 8
+        batched = tuned.classify(opened * 5)
         for key in tuned.models:
-            torch.testing.assert_close(batched[key][j % 4], single[key][0], atol=1e-4, rtol=0)
+            assert len(batched[key]) == len(opened) * 5
+            for j in range(len(opened) * 5):
+                torch.testing.assert_close(batched[key][j], singles[j % 4][key][0], atol=1e-4, rtol=0)
+    assert set(next(iter(tuned.micro_batches.values())).runs.values()) == {1}
     assert not any(r.attentions for r in tuned.recorders.values())  # a batch keeps no attention
     assert all(layer.fused_attn for r in tuned.recorders.values() for layer in r.layers)
     assert tuned.compare(photos[0]).results["vit"].attentions  # a comparison records it again
 
 
-def test_per_core_splits_in_order_and_restores_the_thread_count():
+def test_per_core_covers_the_batch_in_order_and_restores_the_thread_count():
     cores = speed.PerCore(3)
-    assert cores.split(list(range(8))) == [[0, 1, 2], [3, 4], [5, 6, 7]]
-    assert cores.split([1]) == [[1]] and cores.split([]) == [[]]
+    micro = speed.MicroBatch(candidates=(1, 2, 4), trials=1)
     threads = torch.get_num_threads()
     seen = []
 
-    def work(part):
-        seen.append((threading.get_ident(), torch.get_num_threads()))
-        return [x * 2 for x in part]
+    def work(chunk):
+        seen.append((threading.get_ident(), torch.get_num_threads(), len(chunk)))
+        return [x * 2 for x in chunk]
 
-    doubled = cores.map(work, list(range(7)))
-    assert [len(part) for part in doubled] == [2, 3, 2] and sum(doubled, []) == [x * 2 for x in range(7)]
-    assert {n for _, n in seen} == {1}  # every worker runs torch single-threaded
-    assert threading.get_ident() in {ident for ident, _ in seen}  # the caller is one of them
+    for size in (1, 2, 4):  # every size once: the first three runs try them in turn
+        assert list(itertools.chain(*cores.run(work, list(range(13)), micro))) == [x * 2 for x in range(13)]
+        assert {n for _, _, n in seen} == {size, 13 % size or size}
+        seen.clear()
+    assert set(micro.best_s_per_photo) == {1, 2, 4}
+    cores.run(work, list(range(13)), micro)
+    assert {n for _, n, _ in seen} == {1}  # every worker runs torch single-threaded
+    assert threading.get_ident() in {ident for ident, _, _ in seen}  # the caller is one of them
     assert torch.get_num_threads() == threads
+    assert cores.run(work, [7], micro) == [[14]] and cores.run(work, [], micro) == []
 
-    def fail(part):
-        raise ValueError(part)
+    def fail(chunk):
+        raise ValueError(chunk)
 
     with pytest.raises(ValueError):
-        cores.map(fail, [1, 2, 3])
+        cores.run(fail, [1, 2, 3], micro)
     assert torch.get_num_threads() == threads
     fresh = []  # a thread started later still gets the process's count, not a worker's
     thread = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
