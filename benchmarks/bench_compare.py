@@ -239,32 +239,36 @@ def forward_flops(comparator: Comparator) -> dict[str, float]:
 def batch_rate(comparator: Comparator, photos: list[Image.Image], batch_size: int,
                passes: int = 3, budget_s: float = 60.0) -> dict:
     """Photos per second through Comparator.classify (what the app's batch mode and
-    birdfg.predict call): one at a time vs in batches of `batch_size`. The first batched pass,
-    in which each backbone tries its micro-batch sizes, is reported apart; then one-at-a-time and
-    batched passes take turns (`passes` of each, fewer when a pair takes over `budget_s`) and the
-    medians are compared."""
+    birdfg.predict call): one at a time vs in batches of `batch_size`. The first batches, in which
+    each model tries its chunk sizes (speed.MicroBatch), are reported apart; then one-at-a-time
+    and batched passes take turns (`passes` of each, fewer when a pair takes over `budget_s`) and
+    the medians are compared."""
     def one_pass(size: int) -> float:
         start = time.perf_counter()
         for i in range(0, len(photos), size):
             comparator.classify(photos[i:i + size])
         return len(photos) / (time.perf_counter() - start)
 
-    comparator.classify(photos[:1])
-    first = one_pass(batch_size)
+    share = -(-batch_size // comparator.cores.cpus)  # photos per worker
+    learning, start = 0, time.perf_counter()
+    while not all(m.settled(share) for m in comparator.micro_batches.values()):
+        comparator.classify([photos[(learning + i) % len(photos)] for i in range(batch_size)])
+        learning += batch_size
+    learning_ips = learning / (time.perf_counter() - start)
     single, batched = [], []
     started = time.perf_counter()
     while len(single) < passes and (not single or time.perf_counter() - started < budget_s):
         single.append(one_pass(1))
         batched.append(one_pass(batch_size))
     single_ips, batched_ips = statistics.median(single), statistics.median(batched)
-    micro = {keys[0]: {"chosen": comparator.micro_batches[keys[0]].fastest(batch_size),
+    micro = {keys[0]: {"chosen": comparator.micro_batches[keys[0]].fastest(share),
                        "ms_per_photo": {size: round(s * 1000, 1) for size, s in
                                         comparator.micro_batches[keys[0]].best_s_per_photo.items()}}
              for keys in comparator.groups}
-    return {"photos": len(photos), "batch_size": batch_size, "passes": len(single),
-            "one_at_a_time_ips": round(single_ips, 2), "batched_ips": round(batched_ips, 2),
-            "ratio": round(batched_ips / single_ips, 2), "first_batched_pass_ips": round(first, 2),
-            "micro_batch": micro}
+    return {"photos": len(photos), "batch_size": batch_size, "workers": comparator.cores.cpus,
+            "passes": len(single), "one_at_a_time_ips": round(single_ips, 2), "batched_ips": round(batched_ips, 2),
+            "ratio": round(batched_ips / single_ips, 2), "learning_photos": learning,
+            "learning_ips": round(learning_ips, 2), "chunk_size": micro}
 
 
 def agreement(comparator: Comparator, naive: dict[str, NaiveModel], items: list[tuple[Path, int]],

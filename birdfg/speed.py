@@ -184,6 +184,10 @@ class MicroBatch:
         untried = [size for size in fitting if self.runs[size] < wanted]
         return untried[0] if untried else self.fastest(at_most)
 
+    def settled(self, at_most: int) -> bool:
+        """Whether every size up to `at_most` has had its first trials."""
+        return all(self.runs[size] >= self.trials for size in self.candidates if size <= at_most)
+
     def fastest(self, at_most: int) -> int:
         """The timed size up to `at_most` with the best time per photo (`at_most` if none is)."""
         timed = [size for size in self.best_s_per_photo if size <= at_most]

@@ -102,6 +102,7 @@ def test_tuned_comparator_answers_like_plain_fp32_eager(untrained_lite_set, phot
 
 def test_micro_batch_tries_each_size_then_keeps_the_fastest_per_photo():
     micro = speed.MicroBatch(candidates=(1, 2, 4), trials=2)
+    assert not micro.settled(8)
     # This fake model costs 3 s per photo in chunks of 1, 1 s in chunks of 2, 2 s in chunks of 4.
     cost_per_photo = {1: 3.0, 2: 1.0, 4: 2.0}
     sizes = []
@@ -110,6 +111,7 @@ def test_micro_batch_tries_each_size_then_keeps_the_fastest_per_photo():
         sizes.append(size)
         micro.record(size, cost_per_photo[size] * 8, 8)
     assert sizes == [1, 1, 2, 2, 4, 4, 2, 2]
+    assert micro.settled(8)
     assert micro.next_size(8) == micro.fastest(8) == 2
     assert micro.next_size(1) == 1  # never chunks bigger than asked
 
