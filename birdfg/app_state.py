@@ -38,7 +38,7 @@ ROLLOUT = "rollout"  # ViT layer selector value for attention rollout
 MEAN_HEADS = "mean"
 DEFAULT_OPACITY = 0.5
 MAX_BATCH = 64  # photos per batch request: ~0.3 s each on two cores
-BATCH_SIZE = 16  # photos per Comparator.classify call: the heads still gain up to ~16 (lite)
+BATCH_SIZE = 16  # photos per Comparator.classify call: enough chunks to keep every core busy
 
 
 class SetError(RuntimeError):
