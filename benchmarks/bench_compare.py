@@ -249,7 +249,7 @@ def batch_rate(comparator: Comparator, photos: list[Image.Image], batch_size: in
             comparator.classify(photos[i:i + size])
         return len(photos) / (time.perf_counter() - start)
 
-    share = -(-batch_size // comparator.cores.cpus)  # photos per worker
+    share = comparator.cores.per_worker(batch_size)
     learning, start = 0, time.perf_counter()
     while not all(m.settled(share) for m in comparator.micro_batches.values()):
         comparator.classify([photos[(learning + i) % len(photos)] for i in range(batch_size)])

@@ -259,6 +259,7 @@ class Comparator:
             self.recorders[key].keeping = keeping
 
     def _prepare(self, photos: list[Image.Image], key: str) -> torch.Tensor:
+        """The photos as one input batch for model `key`, in the memory format its backbone takes."""
         pil_steps, tensor_steps = self.transforms[key]
         x = torch.stack([tensor_steps(pil_steps(photo)) for photo in photos])
         backbone = self.models[key].model.backbone

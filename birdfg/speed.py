@@ -218,13 +218,18 @@ class PerCore:
         self._helpers = (ThreadPoolExecutor(self.cpus - 1, thread_name_prefix="birdfg-core",
                                             initializer=_one_torch_thread) if self.cpus > 1 else None)
 
+    def per_worker(self, photos: int) -> int:
+        """Photos per worker when `photos` are shared out evenly: the biggest chunk that leaves
+        no core idle."""
+        return math.ceil(photos / max(1, min(self.cpus, photos)))
+
     def run(self, fn: Callable[[list], Result], items: list, micro: MicroBatch) -> list[Result]:
         """`fn(chunk)` for consecutive chunks of `items`, of the size `micro` picks (and learns
         from: the whole run is timed); the results in the items' order."""
         if len(items) < 2:  # one photo is no batch: it runs as it is, untimed
             return [fn(items)] if items else []
         workers = min(self.cpus, len(items))
-        size = micro.next_size(math.ceil(len(items) / workers))
+        size = micro.next_size(self.per_worker(len(items)))
         chunks = _Chunks(items, size, fn)
         began = time.perf_counter()
         if workers <= 1:
@@ -286,7 +291,8 @@ class TorchThread:
     from a pool of threads and 49.5 ms after (the Lite0 trunk 15.7 -> 21.4 ms per photo pair).
     So the app's request threads hand model work to the main thread, which does nothing else once
     the server is up (`serve_forever`). (PerCore's helpers run torch too, but single-threaded: a
-    thread that never runs a parallel region has no team.) Until then (scripts, tests) a call runs where it is made.
+    thread that never runs a parallel region has no team.) Until then (scripts, tests) a call
+    runs where it is made.
     Each hand-over costs a thread switch, a few ms on a busy machine: hand over a whole event's
     work at once (the app's handlers are decorated), not each small step.
     """
