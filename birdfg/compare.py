@@ -137,7 +137,8 @@ def explanation(head_module: torch.nn.Module, features: torch.Tensor, attentions
 class Comparator:
     """Runs a model set on photos. Build once at start-up and share: calls from several threads
     are serialised around the forward pass (the attention recorders hold per-call state, and a
-    pass already keeps every core busy: a batch is split across them, see speed.PerCore).
+    pass already keeps every core busy: a batch is split across them, and one photo's models run
+    side by side, see speed.PerCore).
 
     With `tune` (the default) the models are made faster for inference in place (they belong to
     the Comparator from then on: channels-last convolutional backbones with BatchNorm folded into
@@ -217,24 +218,38 @@ class Comparator:
     @speed.on_torch_thread
     def _run_models(self, photo: Image.Image) -> dict[str, ModelResult]:
         results = {}
+        with self._lock:
+            outputs = self._forward_one(photo, evidence=True)
+        for key, out in outputs.items():
+            loaded = self.models[key]
+            if isinstance(out, Exception):
+                results[key] = ModelResult(key, loaded.display_name, error=f"{type(out).__name__}: {out}")
+            else:
+                results[key] = ModelResult(key, loaded.display_name, out.probs[0].numpy(), out.latency_ms,
+                                           features=out.features, attentions=out.attentions)
+        return results
+
+    def _forward_one(self, photo: Image.Image, evidence: bool) -> dict[str, BatchOutput | Exception]:
+        """One photo through every model, the backbone groups side by side (one per core, see
+        speed.PerCore); in the models' order."""
         for keys in self.groups:
-            for key, out in self.forward_group([photo], keys).items():
-                loaded = self.models[key]
-                if isinstance(out, Exception):
-                    results[key] = ModelResult(key, loaded.display_name, error=f"{type(out).__name__}: {out}")
-                else:
-                    results[key] = ModelResult(key, loaded.display_name, out.probs[0].numpy(), out.latency_ms,
-                                               features=out.features, attentions=out.attentions)
-        return {k: results[k] for k in self.models}
+            self._record_attention(keys, evidence)
+        parts = self.cores.run(lambda groups: self._forward([photo], groups[0]), self.groups)
+        outputs = {key: out for part in parts for key, out in part.items()}
+        return {k: outputs[k] for k in self.models}
 
     @speed.on_torch_thread
     def classify(self, photos: list[Image.Image]) -> dict[str, torch.Tensor | Exception]:
         """Class probabilities (B, classes) of each model for already-opened photos, the batch
-        split across the CPUs; a model that fails gives its exception instead."""
+        split across the CPUs (one photo: the models side by side); a model that fails gives its
+        exception instead."""
         if not photos:
             raise ValueError("No photos to classify.")
         probs: dict[str, torch.Tensor | Exception] = {}
         with self._lock:
+            if len(photos) == 1:
+                return {k: out if isinstance(out, Exception) else out.probs
+                        for k, out in self._forward_one(photos[0], evidence=False).items()}
             for keys in self.groups:
                 self._record_attention(keys, False)  # a ViT-B's maps for 16 photos: 360 MB
                 parts = self.cores.run(lambda chunk, keys=keys: self._forward(chunk, keys), photos,

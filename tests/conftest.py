@@ -65,14 +65,16 @@ def bird_data() -> Path:
     return SHARED_DATA
 
 
-def export_lite_set(folder: Path, classes: list[str], seed: int = 0) -> Path:
-    """A real lite model set on disk: pretrained Lite0 backbone (pip package), untrained heads."""
+def export_lite_set(folder: Path, classes: list[str], seed: int = 0, img_sizes: dict[str, int] | None = None) -> Path:
+    """A real lite model set on disk: pretrained Lite0 backbone (pip package), untrained heads;
+    each model at 224 px unless `img_sizes` says otherwise."""
     from birdfg import checkpoints
-    from birdfg.models import build, preprocess_config, preset_specs
+    from birdfg.models import MODEL_KEYS, build, preprocess_config, preset_specs
 
     torch.manual_seed(seed)
     shared = None
-    for key, spec in preset_specs("lite", len(classes), img_size=224).items():
+    for key in MODEL_KEYS:
+        spec = preset_specs("lite", len(classes), (key,), (img_sizes or {}).get(key, 224))[key]
         model = build(spec, pretrained=True, backbone=shared)
         shared = model.backbone
         checkpoints.export(model.eval(), folder / f"{key}.safetensors", classes,

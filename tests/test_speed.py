@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CLASSES, export_lite_set
 from PIL import Image
 from torch import nn
 
@@ -147,6 +148,33 @@ def test_batches_answer_like_one_photo_at_a_time(untrained_lite_set, photos):
     assert tuned.compare(photos[0]).results["vit"].attentions  # a comparison records it again
 
 
+def test_one_photo_runs_its_backbone_groups_side_by_side(tmp_path, photos):
+    # The CNN at another input size than the others: two backbone passes per photo.
+    folder = export_lite_set(tmp_path, TINY_CLASSES, img_sizes={"cnn": 192})
+    comparator = Comparator(load_set(folder))
+    comparator.cores = speed.PerCore(2)  # two workers even where the machine has one CPU
+    assert len(comparator.groups) == 2
+    threads = torch.get_num_threads()
+    ran_on: dict[str, tuple[int, int]] = {}
+    for key, loaded in comparator.models.items():
+        loaded.model.head.register_forward_hook(
+            lambda *_, key=key: ran_on.__setitem__(key, (threading.get_ident(), torch.get_num_threads())))
+    photo = Image.open(photos[0]).convert("RGB")
+    side_by_side = comparator.classify([photo])
+    one_group_after_another = {key: out.probs for keys in comparator.groups
+                               for key, out in comparator.forward_group([photo], keys).items()}
+    for key in comparator.models:
+        torch.testing.assert_close(side_by_side[key], one_group_after_another[key], atol=1e-4, rtol=0)
+    comparison = comparator.compare(photos[0])
+    assert len({ident for ident, _ in ran_on.values()}) == 2  # each group on its own worker
+    assert {n for _, n in ran_on.values()} == {1}  # each worker single-threaded
+    assert torch.get_num_threads() == threads
+    assert list(comparison.results) == list(comparator.models)
+    assert comparison.results["vit"].attentions  # evidence comes back from the helper's pass too
+    for key in comparator.models:
+        np.testing.assert_allclose(comparison.results[key].probs, side_by_side[key][0].numpy(), atol=1e-4)
+
+
 def test_per_core_covers_the_batch_in_order_and_restores_the_thread_count():
     cores = speed.PerCore(3)
     micro = speed.MicroBatch(candidates=(1, 2, 4), trials=1)
@@ -179,6 +207,33 @@ def test_per_core_covers_the_batch_in_order_and_restores_the_thread_count():
     thread.start()
     thread.join()
     assert fresh == [threads]
+
+
+def test_the_caller_takes_the_cores_its_helpers_leave_idle():
+    cores = speed.PerCore(2)
+    threads = torch.get_num_threads()
+    layer = nn.Identity()
+    seen: dict[str, list[int]] = {"caller": [], "helper": []}
+    caller_ran = threading.Event()
+
+    def work(chunk):
+        who = "caller" if threading.current_thread() is threading.main_thread() else "helper"
+        for _ in range(500):
+            layer(torch.zeros(1))
+            seen[who].append(torch.get_num_threads())
+            if who == "helper":
+                caller_ran.wait(5)  # the helper's chunk ends once the caller has run beside it
+                return chunk
+            caller_ran.set()
+            if seen[who][-1] == threads:
+                return chunk
+            threading.Event().wait(0.01)
+        return chunk
+
+    assert cores.run(work, [0, 1]) == [[0], [1]]
+    assert seen["caller"][0] == 1 and seen["caller"][-1] == threads  # one thread beside the helper, then all
+    assert seen["helper"] == [1]  # a helper never widens
+    assert torch.get_num_threads() == threads
 
 
 def test_growth_guard_trims_only_past_the_first_requests_rss():
