@@ -230,13 +230,16 @@ class Comparator:
         return results
 
     def _forward_one(self, photo: Image.Image, evidence: bool) -> dict[str, BatchOutput | Exception]:
-        """One photo through every model, the backbone groups side by side (one per core, see
-        speed.PerCore); in the models' order."""
+        """One photo through every model: the backbone groups' passes side by side, then every
+        model's own top and head side by side (one per core, see speed.PerCore); in the models'
+        order."""
         for keys in self.groups:
             self._record_attention(keys, evidence)
-        parts = self.cores.run(lambda groups: self._forward([photo], groups[0]), self.groups)
-        outputs = {key: out for part in parts for key, out in part.items()}
-        return {k: outputs[k] for k in self.models}
+        # PerCore hands out chunks of one item: [group] in the first run, [key] in the second.
+        passes = self.cores.run(lambda chunk: self._shared_pass([photo], chunk[0][0]), self.groups)
+        shared = {key: out for keys, out in zip(self.groups, passes) for key in keys}
+        outputs = self.cores.run(lambda chunk: self._head_pass(shared[chunk[0]], chunk[0]), list(self.models))
+        return dict(zip(self.models, outputs))
 
     @speed.on_torch_thread
     def classify(self, photos: list[Image.Image]) -> dict[str, torch.Tensor | Exception]:
@@ -282,26 +285,35 @@ class Comparator:
 
     def _forward(self, photos: list[Image.Image], keys: list[str]) -> dict[str, BatchOutput | Exception]:
         """forward_group's work, on the calling thread."""
+        shared = self._shared_pass(photos, keys[0])
+        return {key: self._head_pass(shared, key) for key in keys}
+
+    def _shared_pass(self, photos: list[Image.Image], key: str) -> tuple[torch.Tensor | Exception, float]:
+        """The photos through the backbone of `key` (and of every model in its group): its output,
+        or the exception it raised, and the ms it took."""
         start = time.perf_counter()
         with torch.inference_mode():
             try:
-                x = self._prepare(photos, keys[0])
-                shared = self.models[keys[0]].model.shared_features(x)
+                out = self.models[key].model.shared_features(self._prepare(photos, key))
             except Exception as exc:  # noqa: BLE001 - one failing model must not take the others down
-                return {k: exc for k in keys}
-            shared_ms = (time.perf_counter() - start) * 1000
-            out: dict[str, BatchOutput | Exception] = {}
-            for key in keys:
-                start = time.perf_counter()
-                try:
-                    features = self.models[key].model.top(shared)  # Identity unless the model trains a top
-                    logits = self.models[key].model.head(features)
-                    out[key] = BatchOutput(logits.float().softmax(-1), features, self.recorders[key].take())
-                except Exception as exc:  # noqa: BLE001
-                    out[key] = exc
-                    continue
-                out[key].latency_ms = shared_ms + (time.perf_counter() - start) * 1000
-        return out
+                out = exc
+        return out, (time.perf_counter() - start) * 1000
+
+    def _head_pass(self, shared: tuple[torch.Tensor | Exception, float], key: str) -> BatchOutput | Exception:
+        """Model `key`'s own top stages and head on its backbone's output (see _shared_pass)."""
+        shared_out, shared_ms = shared
+        if isinstance(shared_out, Exception):
+            return shared_out
+        start = time.perf_counter()
+        model = self.models[key].model
+        with torch.inference_mode():
+            try:
+                features = model.top(shared_out)  # Identity unless the model trains a top
+                probs = model.head(features).float().softmax(-1)
+            except Exception as exc:  # noqa: BLE001
+                return exc
+        latency_ms = shared_ms + (time.perf_counter() - start) * 1000
+        return BatchOutput(probs, features, self.recorders[key].take(), latency_ms)
 
 
 def _split_at_to_tensor(transform: T.Compose) -> tuple[T.Compose, T.Compose]:

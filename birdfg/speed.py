@@ -20,7 +20,6 @@ from typing import TypeVar
 
 import torch
 from torch import nn
-from torch.nn.modules.module import register_module_forward_pre_hook
 
 Result = TypeVar("Result")
 
@@ -241,15 +240,12 @@ class PerCore:
         if workers <= 1:
             done = chunks.work()
         else:
-            first = chunks.take()  # before the helpers start: the caller, which alone may widen, runs
-            helpers = [self._helpers.submit(chunks.work) for _ in range(workers - 1)]  # the later chunks
+            helpers = [self._helpers.submit(chunks.work) for _ in range(workers - 1)]
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
-            widening = register_module_forward_pre_hook(_widen_as_helpers_finish(helpers, threads))
             try:
-                done = chunks.work(first) + [chunk for helper in helpers for chunk in helper.result()]
+                done = chunks.work() + [chunk for helper in helpers for chunk in helper.result()]
             finally:
-                widening.remove()
                 chunks.stop()
                 wait(helpers)  # the helpers' start-up sets torch's default too: restore it after them
                 torch.set_num_threads(threads)
@@ -271,37 +267,15 @@ class _Chunks:
         with self._lock:
             self._starts = iter(())
 
-    def take(self) -> int | None:
-        """The start of the next chunk to run (None when all are handed out)."""
-        with self._lock:
-            return next(self._starts, None)
-
-    def work(self, start: int | None = None) -> list[tuple[int, Result]]:
-        """Runs chunks, from `start` if given (one already taken), until none is left; (start,
-        result) of each."""
+    def work(self) -> list[tuple[int, Result]]:
+        """Runs chunks until none is left; (start, result) of each."""
         done = []
-        start = self.take() if start is None else start
-        while start is not None:
+        while True:
+            with self._lock:
+                start = next(self._starts, None)
+            if start is None:
+                return done
             done.append((start, self.fn(self.items[start:start + self.size])))
-            start = self.take()
-        return done
-
-
-def _widen_as_helpers_finish(helpers: list[Future], threads: int) -> Callable[..., None]:
-    """A module forward pre-hook (for every module, during one PerCore.run) that gives the calling
-    thread one more torch thread, up to `threads`, for each helper that has run out of chunks, so
-    the work left (a bigger model than the others, a last chunk) also uses the cores they free:
-    the full set's comparison took 735 ms with it against 828 ms without (medians of the same
-    run here). Only the caller widens: a helper's own OpenMP team would take libgomp past one
-    thread per CPU (see TorchThread)."""
-    caller = threading.get_ident()
-
-    def widen(_module: nn.Module, _args: tuple) -> None:
-        if threading.get_ident() == caller:
-            wanted = min(threads, 1 + sum(helper.done() for helper in helpers))
-            if torch.get_num_threads() != wanted:
-                torch.set_num_threads(wanted)
-    return widen
 
 
 def _one_torch_thread() -> None:
