@@ -148,32 +148,41 @@ def test_batches_answer_like_one_photo_at_a_time(untrained_lite_set, photos):
     assert tuned.compare(photos[0]).results["vit"].attentions  # a comparison records it again
 
 
-def test_one_photo_runs_its_backbone_groups_side_by_side(tmp_path, photos):
+def test_one_photo_runs_its_backbone_passes_and_heads_side_by_side(tmp_path, photos):
     # The CNN at another input size than the others: two backbone passes per photo.
     folder = export_lite_set(tmp_path, TINY_CLASSES, img_sizes={"cnn": 192})
     comparator = Comparator(load_set(folder))
     comparator.cores = speed.PerCore(2)  # two workers even where the machine has one CPU
     assert len(comparator.groups) == 2
     threads = torch.get_num_threads()
-    ran_on: dict[str, tuple[int, int]] = {}
-    for key, loaded in comparator.models.items():
-        loaded.model.head.register_forward_hook(
-            lambda *_, key=key: ran_on.__setitem__(key, (threading.get_ident(), torch.get_num_threads())))
+    ran_on: dict[str, set[tuple[int, int]]] = {"backbone": set(), "head": set()}  # (thread, torch threads)
+
+    def note(stage: str) -> None:
+        ran_on[stage].add((threading.get_ident(), torch.get_num_threads()))
+
+    shared_pass = comparator._shared_pass
+
+    def noting_shared_pass(photos, key):  # the real pass, and where it ran
+        note("backbone")
+        return shared_pass(photos, key)
+
+    comparator._shared_pass = noting_shared_pass
+    for loaded in comparator.models.values():
+        loaded.model.head.register_forward_pre_hook(lambda *_: note("head"))
     photo = Image.open(photos[0]).convert("RGB")
     side_by_side = comparator.classify([photo])
     for key, probs in comparator.classify([photo]).items():  # each model always on one thread: same bits
         assert torch.equal(probs, side_by_side[key]), key
+    for stage, workers in ran_on.items():  # both workers, each single-threaded
+        assert len({ident for ident, _ in workers}) == 2 and {n for _, n in workers} == {1}, stage
+    assert torch.get_num_threads() == threads
     one_group_after_another = {key: out.probs for keys in comparator.groups
                                for key, out in comparator.forward_group([photo], keys).items()}
+    comparison = comparator.compare(photos[0])
+    assert list(comparison.results) == list(comparator.models)
+    assert comparison.results["vit"].attentions  # evidence comes back from either worker's pass
     for key in comparator.models:
         torch.testing.assert_close(side_by_side[key], one_group_after_another[key], atol=1e-4, rtol=0)
-    comparison = comparator.compare(photos[0])
-    assert len({ident for ident, _ in ran_on.values()}) == 2  # each group on its own worker
-    assert {n for _, n in ran_on.values()} == {1}  # each worker single-threaded
-    assert torch.get_num_threads() == threads
-    assert list(comparison.results) == list(comparator.models)
-    assert comparison.results["vit"].attentions  # evidence comes back from the helper's pass too
-    for key in comparator.models:
         np.testing.assert_allclose(comparison.results[key].probs, side_by_side[key][0].numpy(), atol=1e-4)
 
 
