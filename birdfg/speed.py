@@ -182,7 +182,9 @@ class MicroBatch:
         fitting = [size for size in self.candidates if size <= at_most]
         wanted = self.trials + sum(self.runs.values()) // self.revisit_every
         untried = [size for size in fitting if self.runs[size] < wanted]
-        return untried[0] if untried else self.fastest(at_most)
+        # In turns (1, 2, 4, 8, 1, 2, ...): a slow spell of the host then spoils one trial of
+        # several sizes rather than every trial of one.
+        return min(untried, key=self.runs.__getitem__) if untried else self.fastest(at_most)
 
     def settled(self, at_most: int) -> bool:
         """Whether every size up to `at_most` has had its first trials."""

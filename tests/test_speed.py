@@ -111,7 +111,7 @@ def test_micro_batch_tries_each_size_then_keeps_the_fastest_per_photo():
         size = micro.next_size(8)
         sizes.append(size)
         micro.record(size, cost_per_photo[size] * 8, 8)
-    assert sizes == [1, 1, 2, 2, 4, 4, 2, 2]
+    assert sizes == [1, 2, 4, 1, 2, 4, 2, 2]  # each size in turn, then the fastest
     assert micro.settled(8)
     assert micro.next_size(8) == micro.fastest(8) == 2
     assert micro.next_size(1) == 1  # never chunks bigger than asked
