@@ -158,7 +158,7 @@ class Comparator:
                            for k, m in self.models.items()}
         self.groups = self._group_by_backbone()
         self.micro_batches = {keys[0]: speed.MicroBatch() for keys in self.groups}
-        self.cores = speed.PerCore()
+        self.cores = speed.cores()
         self._lock = threading.Lock()
         self._channels_last: set[int] = set()  # id() of backbones tuned to take NHWC input
         self.tuning: dict[str, dict] = {}

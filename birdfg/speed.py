@@ -256,6 +256,13 @@ class PerCore:
         return [result for _, result in sorted(done, key=lambda pair: pair[0])]
 
 
+@functools.cache
+def cores() -> PerCore:
+    """The process's PerCore: every Comparator shares its helper threads (all torch work goes
+    through one thread anyway, see TorchThread, so two sets never run at once)."""
+    return PerCore()
+
+
 class _Chunks:
     """The chunks of one PerCore.run, handed out to its workers one at a time."""
 
