@@ -455,6 +455,7 @@ def bench_set(name: str, folder: Path, source: str, args, timing_photos: list[Pa
         result.update({"cold_start_s": None, "api_ms": None, "api_error": why})
 
     comparator = Comparator(checkpoints.load_set(folder))
+    result["rounds"] = comparator.tuning.get("rounds", {})  # one photo's backbone cuts (birdfg/schedule.py)
     # Before this tuning: the same Comparator (shared backbone, one pass, inference_mode)
     # with plain fp32 eager models.
     plain = Comparator(checkpoints.load_set(folder), tune=False)

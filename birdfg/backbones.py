@@ -149,6 +149,18 @@ def split(backbone: nn.Module, name: str, train_from: str) -> tuple[Stages, Stag
     return Stages(modules[:cut], trunk_dim), Stages(modules[cut:], feature_dim(backbone))
 
 
+def chain(backbone: nn.Module, name: str) -> list[nn.Module] | None:
+    """`forward_features` of `backbone` (registered as `name`, or a trunk made by `split`) as
+    blocks to apply in turn, each stage's blocks one by one; None when its stages are unknown."""
+    if isinstance(backbone, Stages):
+        stages = list(backbone)
+    elif backbone_cfg(name).stages:
+        stages = [backbone.get_submodule(path) for path in backbone_cfg(name).stages]
+    else:
+        return None
+    return [block for stage in stages for block in (stage if isinstance(stage, nn.Sequential) else [stage])]
+
+
 def _out_channels(modules: list[nn.Module]) -> int:
     """Channels leaving the last convolution or norm of a run of stages (read from weights, so it
     also works on the meta device)."""

@@ -14,8 +14,8 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from birdfg import speed
-from birdfg.backbones import backbone_cfg
+from birdfg import schedule, speed
+from birdfg.backbones import backbone_cfg, chain
 from birdfg.checkpoints import LoadedModel, ModelSet
 from birdfg.data import build_transform, display_name
 from birdfg.explain import (
@@ -161,9 +161,14 @@ class Comparator:
         self.cores = speed.cores()
         self._lock = threading.Lock()
         self._channels_last: set[int] = set()  # id() of backbones tuned to take NHWC input
+        # One photo's two rounds (see _forward_one): the groups, then the models, longest first;
+        # a backbone cut in two runs (first part, rest) in them, keyed by its model.
+        self.first_round, self.second_round = self.groups, list(self.models)
+        self.cuts: dict[str, tuple[torch.nn.Module, torch.nn.Module]] = {}
         self.tuning: dict[str, dict] = {}
         if tune:
             self.tuning = self._tune()
+            self.tuning["rounds"] = self._plan_rounds()
             self.warm_up()
 
     def _tune(self) -> dict[str, dict]:
@@ -185,13 +190,47 @@ class Comparator:
                     shared_out[id(model.backbone)] = model.shared_features(example)
             if not isinstance(model.top, torch.nn.Identity):
                 tuning[f"{key}.top"] = speed.tune_backbone(model.top, shared_out[id(model.backbone)], feature_map)
+            tuning[f"{key}.head"] = {"pointwise_matmuls": speed.pointwise_as_matmul(model.head)}
         return tuning
+
+    def _plan_rounds(self) -> dict[str, Any]:
+        """Time each backbone block and head of one (synthetic) photo on one thread, then cut
+        backbones and order both rounds so that every core stays busy (see birdfg/schedule.py)."""
+        if self.cores.cpus < 2 or len(self.groups) < 2:
+            return {}
+        costs, blocks = [], []
+        for keys in self.groups:
+            loaded = self.models[keys[0]]
+            model = loaded.model
+            x = self._prepare([_noise_photo()], keys[0])
+            parts = chain(model.backbone, loaded.spec.backbone) if len(keys) == 1 else None
+            seconds, out = schedule.seconds_each(parts or [model.shared_features], x)
+            if parts and not torch.equal(out, schedule.seconds_each([model.shared_features], x, passes=1)[1]):
+                parts, seconds = None, [sum(seconds)]  # the chain is not what forward_features does
+            heads = [schedule.seconds_each([lambda f, m=self.models[k].model: m.head(m.top(f))], out)[0][0]
+                     for k in keys]
+            costs.append(schedule.GroupCost(seconds, heads))
+            blocks.append(parts)
+        cuts = schedule.best_cuts(costs, self.cores.cpus)
+        for keys, parts, cut in zip(self.groups, blocks, cuts):
+            if parts and cut < len(parts):
+                self.cuts[keys[0]] = (torch.nn.Sequential(*parts[:cut]), torch.nn.Sequential(*parts[cut:]))
+        # Longest first in each round, as schedule.busy_s assumes.
+        first = {keys[0]: sum(c.backbone_s[:cut]) for keys, c, cut in zip(self.groups, costs, cuts)}
+        second = {key: sum(c.backbone_s[cut:]) + head for keys, c, cut in zip(self.groups, costs, cuts)
+                  for key, head in zip(keys, c.heads_s)}
+        self.first_round = sorted(self.groups, key=lambda keys: -first[keys[0]])
+        self.second_round = sorted(self.models, key=lambda key: -second[key])
+        whole = [len(c.backbone_s) for c in costs]
+        return {"cut": {keys[0]: f"before block {cut} of {n}" for keys, cut, n in zip(self.groups, cuts, whole) if cut < n},
+                "one_thread_ms": {keys[0]: round(sum(c.backbone_s) * 1000, 1) for keys, c in zip(self.groups, costs)},
+                "estimated_ms": round(schedule.rounds_s(costs, cuts, self.cores.cpus) * 1000, 1),
+                "estimated_uncut_ms": round(schedule.rounds_s(costs, whole, self.cores.cpus) * 1000, 1)}
 
     def warm_up(self) -> float:
         """One comparison (maps and overlays too) of a synthetic photo; returns its seconds."""
         start = time.perf_counter()
-        noise = np.random.default_rng(0).integers(0, 256, (384, 512, 3), dtype=np.uint8)
-        comparison = self.compare(Image.fromarray(noise))
+        comparison = self.compare(_noise_photo())
         for key, result in comparison.results.items():
             if result.ok:
                 comparison.overlay(key)
@@ -230,16 +269,24 @@ class Comparator:
         return results
 
     def _forward_one(self, photo: Image.Image, evidence: bool) -> dict[str, BatchOutput | Exception]:
-        """One photo through every model: the backbone groups' passes side by side, then every
-        model's own top and head side by side (one per core, see speed.PerCore); in the models'
+        """One photo through every model in two rounds, each round's items side by side (one per
+        core, see speed.PerCore): the backbone groups' passes (of a cut backbone, its first part),
+        then every model's own top and head (after the rest of its cut backbone); in the models'
         order."""
         for keys in self.groups:
             self._record_attention(keys, evidence)
         # PerCore hands out chunks of one item: [group] in the first run, [key] in the second.
-        passes = self.cores.run(lambda chunk: self._shared_pass([photo], chunk[0][0]), self.groups)
-        shared = {key: out for keys, out in zip(self.groups, passes) for key in keys}
-        outputs = self.cores.run(lambda chunk: self._head_pass(shared[chunk[0]], chunk[0]), list(self.models))
-        return dict(zip(self.models, outputs))
+        passes = self.cores.run(lambda chunk: self._shared_pass([photo], chunk[0][0], self._cut(chunk[0][0])[0]),
+                                self.first_round)
+        shared = {key: out for keys, out in zip(self.first_round, passes) for key in keys}
+        outputs = self.cores.run(lambda chunk: self._head_pass(shared[chunk[0]], chunk[0], self._cut(chunk[0])[1]),
+                                 self.second_round)
+        done = dict(zip(self.second_round, outputs))
+        return {key: done[key] for key in self.models}
+
+    def _cut(self, key: str) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+        """(first part, rest) of the backbone of `key` if _plan_rounds cut it."""
+        return self.cuts.get(key, (None, None))
 
     @speed.on_torch_thread
     def classify(self, photos: list[Image.Image]) -> dict[str, torch.Tensor | Exception]:
@@ -288,19 +335,22 @@ class Comparator:
         shared = self._shared_pass(photos, keys[0])
         return {key: self._head_pass(shared, key) for key in keys}
 
-    def _shared_pass(self, photos: list[Image.Image], key: str) -> tuple[torch.Tensor | Exception, float]:
-        """The photos through the backbone of `key` (and of every model in its group): its output,
-        or the exception it raised, and the ms it took."""
+    def _shared_pass(self, photos: list[Image.Image], key: str,
+                     part: torch.nn.Module | None = None) -> tuple[torch.Tensor | Exception, float]:
+        """The photos through the backbone of `key` (and of every model in its group), or through
+        only `part` of it: its output, or the exception it raised, and the ms it took."""
         start = time.perf_counter()
         with torch.inference_mode():
             try:
-                out = self.models[key].model.shared_features(self._prepare(photos, key))
+                out = (part or self.models[key].model.shared_features)(self._prepare(photos, key))
             except Exception as exc:  # noqa: BLE001 - one failing model must not take the others down
                 out = exc
         return out, (time.perf_counter() - start) * 1000
 
-    def _head_pass(self, shared: tuple[torch.Tensor | Exception, float], key: str) -> BatchOutput | Exception:
-        """Model `key`'s own top stages and head on its backbone's output (see _shared_pass)."""
+    def _head_pass(self, shared: tuple[torch.Tensor | Exception, float], key: str,
+                   rest: torch.nn.Module | None = None) -> BatchOutput | Exception:
+        """Model `key`'s own top stages and head on its backbone's output (see _shared_pass),
+        after the `rest` of its backbone if that pass ran only its first part."""
         shared_out, shared_ms = shared
         if isinstance(shared_out, Exception):
             return shared_out
@@ -308,12 +358,18 @@ class Comparator:
         model = self.models[key].model
         with torch.inference_mode():
             try:
-                features = model.top(shared_out)  # Identity unless the model trains a top
+                backbone_out = rest(shared_out) if rest is not None else shared_out
+                features = model.top(backbone_out)  # Identity unless the model trains a top
                 probs = model.head(features).float().softmax(-1)
             except Exception as exc:  # noqa: BLE001
                 return exc
         latency_ms = shared_ms + (time.perf_counter() - start) * 1000
         return BatchOutput(probs, features, self.recorders[key].take(), latency_ms)
+
+
+def _noise_photo() -> Image.Image:
+    """A synthetic photo for warming up and timing."""
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (384, 512, 3), dtype=np.uint8))
 
 
 def _split_at_to_tensor(transform: T.Compose) -> tuple[T.Compose, T.Compose]:

@@ -19,7 +19,8 @@ from conftest import TINY_CLASSES, export_lite_set
 from PIL import Image
 from torch import nn
 
-from birdfg import memory, process, speed
+from birdfg import memory, process, schedule, speed
+from birdfg.backbones import chain
 from birdfg.checkpoints import load_set
 from birdfg.compare import Comparator
 from birdfg.explain import TURBO, crop_box, normalise, overlay
@@ -87,7 +88,8 @@ def photos(bird_data):
 def test_tuned_comparator_answers_like_plain_fp32_eager(untrained_lite_set, photos):
     tuned = Comparator(load_set(untrained_lite_set))
     plain = Comparator(load_set(untrained_lite_set), tune=False)
-    assert any(t["folded_batchnorms"] for t in tuned.tuning.values()), tuned.tuning
+    assert any(t.get("folded_batchnorms") for t in tuned.tuning.values()), tuned.tuning
+    assert any(t.get("pointwise_matmuls") for t in tuned.tuning.values()), tuned.tuning
     assert not plain.tuning
     for photo in photos:
         fast, slow = tuned.compare(photo), plain.compare(photo)
@@ -162,9 +164,9 @@ def test_one_photo_runs_its_backbone_passes_and_heads_side_by_side(tmp_path, pho
 
     shared_pass = comparator._shared_pass
 
-    def noting_shared_pass(photos, key):  # the real pass, and where it ran
+    def noting_shared_pass(*args):  # the real pass, and where it ran
         note("backbone")
-        return shared_pass(photos, key)
+        return shared_pass(*args)
 
     comparator._shared_pass = noting_shared_pass
     for loaded in comparator.models.values():
@@ -184,6 +186,42 @@ def test_one_photo_runs_its_backbone_passes_and_heads_side_by_side(tmp_path, pho
     for key in comparator.models:
         torch.testing.assert_close(side_by_side[key], one_group_after_another[key], atol=1e-4, rtol=0)
         np.testing.assert_allclose(comparison.results[key].probs, side_by_side[key][0].numpy(), atol=1e-4)
+
+
+def test_cut_backbones_keep_both_cores_busy_and_multi_model_groups_whole():
+    # The full set's shape: a ViT-B (one block, 440 ms) and two ResNet-152s (54 blocks, 360 ms).
+    resnet = schedule.GroupCost([0.36 / 54] * 54, [0.002])
+    full = [schedule.GroupCost([0.44], [0.001]), resnet, resnet]
+    cuts = schedule.best_cuts(full, workers=2)
+    assert cuts[0] == 1 and 0 < cuts[1] < 54 and 0 < cuts[2] < 54, cuts
+    assert schedule.rounds_s(full, [1, 54, 54], 2) == pytest.approx(0.723)  # one core runs both ResNets
+    assert schedule.rounds_s(full, cuts, 2) < 0.59  # (0.44 + 0.72) / 2 = 0.58, plus a block at most
+    # A trunk that several models share feeds their heads in the second round: it stays whole.
+    lite = [schedule.GroupCost([0.001] * 50, [0.003, 0.008, 0.004]), schedule.GroupCost([0.001] * 50, [0.003])]
+    assert schedule.best_cuts(lite, 2)[0] == 50
+    assert schedule.best_cuts(full, workers=1) == [1, 54, 54]
+    assert schedule.busy_s([3, 2, 2, 1], 2) == 4
+
+
+def test_a_cut_backbone_gives_the_same_bits(tmp_path, photos):
+    folder = export_lite_set(tmp_path, TINY_CLASSES, img_sizes={"cnn": 192})
+    comparator = Comparator(load_set(folder))
+    comparator.cores = speed.PerCore(2)
+    rounds = comparator.tuning["rounds"]
+    assert rounds["estimated_ms"] <= rounds["estimated_uncut_ms"], rounds
+    cnn = comparator.models["cnn"]
+    blocks = chain(cnn.model.backbone, cnn.spec.backbone)
+    x = comparator._prepare([Image.open(photos[0]).convert("RGB")], "cnn")
+    with torch.inference_mode():
+        assert torch.equal(nn.Sequential(*blocks)(x), cnn.model.shared_features(x))
+    photo = Image.open(photos[1]).convert("RGB")
+    comparator.cuts = {}
+    whole = comparator.classify([photo])
+    for cut in (1, len(blocks) // 2, len(blocks) - 1):
+        comparator.cuts = {"cnn": (nn.Sequential(*blocks[:cut]), nn.Sequential(*blocks[cut:]))}
+        for key, probs in comparator.classify([photo]).items():
+            assert torch.equal(probs, whole[key]), (cut, key)
+    assert comparator.compare(photos[1]).results["cnn"].features is not None
 
 
 def test_per_core_covers_the_batch_in_order_and_restores_the_thread_count():
