@@ -168,8 +168,8 @@ class Comparator:
         self.tuning: dict[str, dict] = {}
         if tune:
             self.tuning = self._tune()
-            self.tuning["rounds"] = self._plan_rounds()
             self.warm_up()
+            self.tuning["rounds"] = self._plan_rounds()  # timed on warm kernels
 
     def _tune(self) -> dict[str, dict]:
         """Inference settings of each shared backbone (once) and each model's own top stages,
@@ -205,7 +205,7 @@ class Comparator:
             x = self._prepare([_noise_photo()], keys[0])
             parts = chain(model.backbone, loaded.spec.backbone) if len(keys) == 1 else None
             seconds, out = schedule.seconds_each(parts or [model.shared_features], x)
-            if parts and not torch.equal(out, schedule.seconds_each([model.shared_features], x, passes=1)[1]):
+            if parts and not torch.equal(out, schedule.seconds_each([model.shared_features], x)[1]):
                 parts, seconds = None, [sum(seconds)]  # the chain is not what forward_features does
             heads = [schedule.seconds_each([lambda f, m=self.models[k].model: m.head(m.top(f))], out)[0][0]
                      for k in keys]

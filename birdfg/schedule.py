@@ -12,10 +12,10 @@ thread, in the same order.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 
 @dataclass
@@ -86,18 +86,18 @@ def _cut_within(group: GroupCost, budget: float) -> int:
 
 
 @torch.inference_mode()
-def seconds_each(blocks: list[nn.Module], x: torch.Tensor, passes: int = 2) -> tuple[list[float], torch.Tensor]:
-    """Each block's seconds on one thread (applied in turn to `x`; the last of `passes`, the
-    first builds oneDNN's kernels) and the chain's output."""
+def seconds_each(blocks: list[Callable[[torch.Tensor], torch.Tensor]],
+                 x: torch.Tensor) -> tuple[list[float], torch.Tensor]:
+    """Each block's seconds on one thread, applied in turn to `x` (after a warm-up: oneDNN builds
+    its kernels on first use), and the chain's output."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for _ in range(passes):
-            seconds, out = [], x
-            for block in blocks:
-                start = time.perf_counter()
-                out = block(out)
-                seconds.append(time.perf_counter() - start)
+        seconds, out = [], x
+        for block in blocks:
+            start = time.perf_counter()
+            out = block(out)
+            seconds.append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
     return seconds, out
