@@ -194,38 +194,45 @@ class Comparator:
         return tuning
 
     def _plan_rounds(self) -> dict[str, Any]:
-        """Time each backbone block and head of one (synthetic) photo on one thread, then cut
-        backbones and order both rounds so that every core stays busy (see birdfg/schedule.py)."""
+        """Cut backbones and order both rounds of one photo so that every core stays busy, from
+        each part's time on one thread (see birdfg/schedule.py); what was decided, for the record."""
         if self.cores.cpus < 2 or len(self.groups) < 2:
             return {}
-        costs, blocks = [], []
-        for keys in self.groups:
-            loaded = self.models[keys[0]]
-            model = loaded.model
-            x = self._prepare([_noise_photo()], keys[0])
-            parts = chain(model.backbone, loaded.spec.backbone) if len(keys) == 1 else None
-            seconds, out = schedule.seconds_each(parts or [model.shared_features], x)
-            if parts and not torch.equal(out, schedule.seconds_each([model.shared_features], x)[1]):
-                parts, seconds = None, [sum(seconds)]  # the chain is not what forward_features does
-            heads = [schedule.seconds_each([lambda f, m=self.models[k].model: m.head(m.top(f))], out)[0][0]
-                     for k in keys]
-            costs.append(schedule.GroupCost(seconds, heads))
-            blocks.append(parts)
+        costs, chains = self._time_groups()
         cuts = schedule.best_cuts(costs, self.cores.cpus)
-        for keys, parts, cut in zip(self.groups, blocks, cuts):
-            if parts and cut < len(parts):
-                self.cuts[keys[0]] = (torch.nn.Sequential(*parts[:cut]), torch.nn.Sequential(*parts[cut:]))
+        whole = [len(c.backbone_s) for c in costs]
+        for keys, blocks, cut, n in zip(self.groups, chains, cuts, whole):
+            if cut < n:
+                self.cuts[keys[0]] = (torch.nn.Sequential(*blocks[:cut]), torch.nn.Sequential(*blocks[cut:]))
         # Longest first in each round, as schedule.busy_s assumes.
         first = {keys[0]: sum(c.backbone_s[:cut]) for keys, c, cut in zip(self.groups, costs, cuts)}
         second = {key: sum(c.backbone_s[cut:]) + head for keys, c, cut in zip(self.groups, costs, cuts)
                   for key, head in zip(keys, c.heads_s)}
         self.first_round = sorted(self.groups, key=lambda keys: -first[keys[0]])
         self.second_round = sorted(self.models, key=lambda key: -second[key])
-        whole = [len(c.backbone_s) for c in costs]
         return {"cut": {keys[0]: f"before block {cut} of {n}" for keys, cut, n in zip(self.groups, cuts, whole) if cut < n},
                 "one_thread_ms": {keys[0]: round(sum(c.backbone_s) * 1000, 1) for keys, c in zip(self.groups, costs)},
                 "estimated_ms": round(schedule.rounds_s(costs, cuts, self.cores.cpus) * 1000, 1),
                 "estimated_uncut_ms": round(schedule.rounds_s(costs, whole, self.cores.cpus) * 1000, 1)}
+
+    def _time_groups(self) -> tuple[list[schedule.GroupCost], list[list[torch.nn.Module] | None]]:
+        """Each group's costs for a synthetic photo on one thread: its backbone block by block
+        where it could be cut (a single model's backbone whose chain of blocks is known), else as
+        a whole, and each model's top + head; and those chains of blocks (None: not cuttable)."""
+        costs, chains = [], []
+        for keys in self.groups:
+            loaded = self.models[keys[0]]
+            model = loaded.model
+            x = self._prepare([_noise_photo()], keys[0])
+            blocks = chain(model.backbone, loaded.spec.backbone) if len(keys) == 1 else None
+            seconds, out = schedule.seconds_each(blocks or [model.shared_features], x)
+            if blocks and not torch.equal(out, schedule.seconds_each([model.shared_features], x)[1]):
+                blocks, seconds = None, [sum(seconds)]  # the chain is not what forward_features does
+            heads = [schedule.seconds_each([lambda f, m=self.models[k].model: m.head(m.top(f))], out)[0][0]
+                     for k in keys]
+            costs.append(schedule.GroupCost(seconds, heads))
+            chains.append(blocks)
+        return costs, chains
 
     def warm_up(self) -> float:
         """One comparison (maps and overlays too) of a synthetic photo; returns its seconds."""

@@ -87,8 +87,8 @@ class PointwiseConv(nn.Conv2d):
     code, which wants NCHW: channels-last activations were copied there and back at every such
     layer, and those are all of them in a single-threaded worker (speed.PerCore). As a matrix
     product nothing is copied: ResNet-152 took 359 instead of 389 ms for one photo on one
-    thread, 293 instead of 303 per photo in chunks of 8; the full set's comparison 742 instead of
-    753 ms and its batches 592 instead of 604 ms per photo; the Lite0 trunk gains 1-3 % (throwaway
+    thread, 293 instead of 303 per photo in chunks of 8; the full set's forward of one photo 742
+    instead of 753 ms and its batches 592 instead of 604 ms per photo; the Lite0 trunk gains 1-3 % (throwaway
     A/B runs, taking turns in one process). Same weights and state dict as the nn.Conv2d it
     replaces."""
 
