@@ -138,8 +138,16 @@ def test_batches_answer_like_one_photo_at_a_time(untrained_lite_set, photos):
     tuned.micro_batches = {k: speed.MicroBatch(trials=1) for k in tuned.micro_batches}
     opened = [Image.open(p).convert("RGB") for p in photos]
     singles = [tuned.classify([photo]) for photo in opened]
+    head_batches: list[tuple[int, int, int]] = []  # (photos, thread, torch threads) of each head call
+    for loaded in tuned.models.values():
+        loaded.model.head.register_forward_pre_hook(
+            lambda _, args: head_batches.append((len(args[0]), threading.get_ident(), torch.get_num_threads())))
     for _ in range(4):  # chunks of 1, 2, 4 and 8
+        head_batches.clear()
         batched = tuned.classify(opened * 5)
+        # Whatever the backbone's chunks, each worker runs the heads on its whole share at once.
+        assert sorted(n for n, _, _ in head_batches) == [10] * 2 * len(tuned.models), head_batches
+        assert len({ident for _, ident, _ in head_batches}) == 2 and {t for _, _, t in head_batches} == {1}
         for key in tuned.models:
             assert len(batched[key]) == len(opened) * 5
             for j in range(len(opened) * 5):
