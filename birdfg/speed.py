@@ -190,8 +190,9 @@ def limit_threads() -> int:
 
 
 class MicroBatch:
-    """The chunk size a model runs batches fastest in on this machine, learnt from the batches it
-    runs (see PerCore: each core's worker takes one chunk at a time).
+    """The chunk size a model's backbone runs batches fastest in on this machine, learnt from the
+    batches it runs (see PerCore: each core's worker takes one chunk at a time; the heads then
+    take each core's whole share, see Comparator._classify_group).
 
     Bigger chunks are not always faster on a CPU. The EfficientNet-Lite0 trunk at 320 px is
     fastest with two photos in flight in all (one per core): more than two photos' 160x160
