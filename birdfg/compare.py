@@ -319,7 +319,7 @@ class Comparator:
         products gain from more rows: the lite heads took 13.3 instead of 16.6 ms per photo in
         chunks of 8 instead of 1 on one thread (/work/scratch/liteb.py)."""
         passes = self.cores.run(lambda chunk: self._shared_pass(chunk, keys[0]), photos, self.micro_batches[keys[0]])
-        failed = next((out for out, _ in passes if isinstance(out, Exception)), None)
+        failed = _first_error([out for out, _ in passes])
         if failed is not None:
             return {key: failed for key in keys}
         shared = torch.cat([out for out, _ in passes])
@@ -330,7 +330,7 @@ class Comparator:
         probs: dict[str, torch.Tensor | Exception] = {}
         for key in keys:
             outs = [part[key] for part in parts]
-            failed = next((out for out in outs if isinstance(out, Exception)), None)
+            failed = _first_error(outs)
             probs[key] = failed if failed is not None else torch.cat([out.probs for out in outs])
         return probs
 
@@ -340,7 +340,8 @@ class Comparator:
         `evidence`, what an explanation needs (attention) is kept from this same pass."""
         with self._lock:
             self._record_attention(keys, evidence)
-            return self._forward(photos, keys)
+            shared = self._shared_pass(photos, keys[0])
+            return {key: self._head_pass(shared, key) for key in keys}
 
     def _record_attention(self, keys: list[str], keeping: bool) -> None:
         for key in keys:
@@ -353,11 +354,6 @@ class Comparator:
         x = torch.stack([tensor_steps(pil_steps(photo)) for photo in photos])
         backbone = self.models[key].model.backbone
         return x.contiguous(memory_format=torch.channels_last) if id(backbone) in self._channels_last else x
-
-    def _forward(self, photos: list[Image.Image], keys: list[str]) -> dict[str, BatchOutput | Exception]:
-        """forward_group's work, on the calling thread."""
-        shared = self._shared_pass(photos, keys[0])
-        return {key: self._head_pass(shared, key) for key in keys}
 
     def _shared_pass(self, photos: list[Image.Image], key: str,
                      part: torch.nn.Module | None = None) -> tuple[torch.Tensor | Exception, float]:
@@ -389,6 +385,11 @@ class Comparator:
                 return exc
         latency_ms = shared_ms + (time.perf_counter() - start) * 1000
         return BatchOutput(probs, features, self.recorders[key].take(), latency_ms)
+
+
+def _first_error(outputs: list) -> Exception | None:
+    """The first exception among the outputs of a batch's parts, if any part failed."""
+    return next((out for out in outputs if isinstance(out, Exception)), None)
 
 
 def _noise_photo() -> Image.Image:
