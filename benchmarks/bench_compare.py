@@ -17,6 +17,9 @@ folder so that they load the way the app loads them) it measures, in one run:
   comparisons); limit_ratio = optimized / limit;
 - untuned_ms: the Comparator with tune=False (plain fp32 eager models): what the tuning gains;
 - batch_ips: photos per second through Comparator.classify, batched and one at a time;
+  flop_ceiling_ratio = one photo at a time's ms / the FLOP limit (its matmul rate measured between
+  the batch passes), the largest batched/one-at-a-time ratio that limit leaves; limit_ratio = a
+  batched photo's ms / that limit;
 - agreement: top-1 of the optimized path (one at a time, and batched) vs plain fp32 eager models
   on every val photo;
 - peak_rss_mb and cold start (a fresh process: imports, load, first comparison), and with app.py
@@ -242,7 +245,8 @@ def batch_rate(comparator: Comparator, photos: list[Image.Image], batch_size: in
     birdfg.predict call): one at a time vs in batches of `batch_size`. The first batches, in which
     each model tries its chunk sizes (speed.MicroBatch), are reported apart; then one-at-a-time
     and batched passes take turns (`passes` of each, fewer when a pair takes over `budget_s`) and
-    the medians are compared."""
+    the medians are compared. The matmul yardstick takes its turn beside each pair, so that the
+    batch's FLOP limit comes from the same minutes as the batch."""
     def one_pass(size: int) -> float:
         start = time.perf_counter()
         for i in range(0, len(photos), size):
@@ -255,11 +259,12 @@ def batch_rate(comparator: Comparator, photos: list[Image.Image], batch_size: in
         comparator.classify([photos[(learning + i) % len(photos)] for i in range(batch_size)])
         learning += batch_size
     learning_ips = learning / (time.perf_counter() - start)
-    single, batched = [], []
+    single, batched, rates = [], [], []
     started = time.perf_counter()
     while len(single) < passes and (not single or time.perf_counter() - started < budget_s):
         single.append(one_pass(1))
         batched.append(one_pass(batch_size))
+        rates.append(matmul_gflops(repeats=3))
     single_ips, batched_ips = statistics.median(single), statistics.median(batched)
     micro = {keys[0]: {"chosen": comparator.micro_batches[keys[0]].fastest(share),
                        "ms_per_photo": {size: round(s * 1000, 1) for size, s in
@@ -267,7 +272,8 @@ def batch_rate(comparator: Comparator, photos: list[Image.Image], batch_size: in
              for keys in comparator.groups}
     return {"photos": len(photos), "batch_size": batch_size, "workers": comparator.cores.cpus,
             "passes": len(single), "one_at_a_time_ips": round(single_ips, 2), "batched_ips": round(batched_ips, 2),
-            "ratio": round(batched_ips / single_ips, 2), "learning_photos": learning,
+            "ratio": round(batched_ips / single_ips, 2), "matmul_gflops": round(statistics.median(rates), 1),
+            "learning_photos": learning,
             "learning_ips": round(learning_ips, 2), "chunk_size": micro}
 
 
@@ -514,8 +520,14 @@ def bench_set(name: str, folder: Path, source: str, args, timing_photos: list[Pa
     print(f"FLOPs {flops} at {rate:.1f} GFLOP/s -> limit {limit:.1f} ms, ratio {ms / limit:.2f}", flush=True)
 
     batch_photos = [open_rgb(p) for p, _ in val_items[:: max(1, len(val_items) // args.batch_photos)][:args.batch_photos]]
-    result["batch_ips"] = batch_rate(comparator, batch_photos, args.batch_size)
-    print(f"batch {result['batch_ips']}", flush=True)
+    result["batch_ips"] = batch = batch_rate(comparator, batch_photos, args.batch_size)
+    # A batch cannot run faster than the FLOP limit, so one photo at a time over that limit is the
+    # largest `ratio` any batching could reach on this machine.
+    batch_limit_ms = sum(flops.values()) / batch["matmul_gflops"] * 1000
+    batch["flop_limit_ms"] = round(batch_limit_ms, 1)
+    batch["flop_ceiling_ratio"] = round(1000 / batch["one_at_a_time_ips"] / batch_limit_ms, 2)
+    batch["limit_ratio"] = round(1000 / batch["batched_ips"] / batch_limit_ms, 2)
+    print(f"batch {batch}", flush=True)
 
     agree_items = val_items if args.agreement_photos is None else val_items[:: max(1, len(val_items) // args.agreement_photos)]
     result["agreement"] = agreement(comparator, naive, agree_items, args.batch_size)
@@ -571,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     args.json.write_text(json.dumps(report, indent=2))
     summary = ("optimized_ms", "untuned_ms", "naive_ms", "speedup", "flop_limit_ms", "limit_ratio", "agreement_ratio",
                "peak_rss_mb", "cold_start_s", "api_ms", "gradio_floor_ms")
-    print(json.dumps({k: {**{m: v.get(m) for m in summary}, "batch_ratio": v["batch_ips"]["ratio"]}
+    batch_summary = ("ratio", "flop_ceiling_ratio", "limit_ratio")
+    print(json.dumps({k: {**{m: v.get(m) for m in summary}, **{f"batch_{m}": v["batch_ips"][m] for m in batch_summary}}
                       for k, v in report.items() if k in ("lite", "full")}, indent=1))
     return 0
 
