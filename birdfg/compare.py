@@ -317,7 +317,7 @@ class Comparator:
         learnt for it (speed.MicroBatch), then the models' tops and heads on each core's whole
         share of the photos at once. The backbone's output is small, and the heads' matrix
         products gain from more rows: the lite heads took 13.3 instead of 16.6 ms per photo in
-        chunks of 8 instead of 1 on one thread (/work/scratch/liteb.py)."""
+        chunks of 8 instead of 1 on one thread (a throwaway timing script, not kept)."""
         passes = self.cores.run(lambda chunk: self._shared_pass(chunk, keys[0]), photos, self.micro_batches[keys[0]])
         failed = _first_error([out for out, _ in passes])
         if failed is not None:
