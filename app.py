@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     process.configure()  # before torch is imported and the server starts its threads
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    from birdfg.ui import serve  # heavy imports after --help
+    from birdfg.app.ui import serve  # heavy imports after --help
 
     serve(args.checkpoints, args.hub_repo, args.examples, args.port, args.max_loaded_sets, args.keep_files_s)
     return 0

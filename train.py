@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from birdfg.models import MODEL_KEYS, PRESETS, TRAINING_DEFAULTS
+from birdfg.train_config import TrainConfig
 
 
 def _defaults(name: str) -> str:
@@ -56,14 +57,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def to_config(args: argparse.Namespace) -> TrainConfig:
+    """The parsed flags as the package's TrainConfig (the only place that knows the flag names)."""
+    return TrainConfig(
+        data=args.data, preset=args.preset, models=tuple(args.models), img_size=args.img_size,
+        pretrained=not args.no_pretrained, split_file=args.split_file, views=args.views, boxes=args.boxes,
+        use_boxes=not args.no_boxes, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        backbone_lr_scale=args.backbone_lr_scale, weight_decay=args.weight_decay, seed=args.seed,
+        accelerator=args.accelerator, devices=int(args.devices) if args.devices.isdigit() else args.devices,
+        num_nodes=args.num_nodes, strategy=args.strategy, precision=args.precision, logger=args.logger,
+        workers=args.workers, output=args.output, resume=args.resume, force=args.force,
+        push_to_hub=args.push_to_hub,
+    )
+
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
+    cfg = to_config(parse_args(argv))
     from birdfg.train_set import train_set  # heavy imports after --help
 
-    return train_set(args, "python train.py " + " ".join(shlex.quote(a) for a in argv))
+    # The command goes into every exported checkpoint's metadata, as typed.
+    return train_set(cfg, "python train.py " + " ".join(shlex.quote(a) for a in argv))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ reports the median time per comparison, in a fresh process per variant:
 - `pool_threads` + `guard`: malloc keeps activations in the heap and trims only when RSS grew
   (birdfg.memory today);
 - `torch_thread` + `trim_each`, `torch_thread` + `guard` (the app today): request threads hand
-  the model work to the main thread (birdfg.speed.TorchThread).
+  the model work to the main thread (birdfg.app.worker.TorchThread).
 Also `main_only`: every comparison from the main thread itself (no pool), for reference.
 """
 from __future__ import annotations
@@ -49,19 +49,21 @@ def run_variant(where: str, malloc: str, photos: list[Path], requests: int) -> d
     if malloc == "trim_each":  # the settings before this change
         memory.MMAP_THRESHOLD, memory.TRIM_THRESHOLD = 4 << 20, 8 << 20
     process.configure()
-    from birdfg import speed
+    from birdfg.app.worker import TORCH_THREAD, on_torch_thread
     from birdfg.checkpoints import load_set
-    from birdfg.compare import Comparator
+    from birdfg.inference import Engine
+    from birdfg.inference.threads import configure_threads
 
-    speed.configure_threads()
-    comparator = Comparator(load_set(ROOT / "checkpoints" / "lite"))
+    configure_threads()
+    engine = Engine(load_set(ROOT / "checkpoints" / "lite"))
+    compare = on_torch_thread(engine.compare)  # as the app's handlers do (the engine itself is not decorated)
     guard = memory.GrowthGuard()
     after_request = memory.release_free_memory if malloc == "trim_each" else guard.check
     times: list[float] = []
 
     def request(i: int) -> None:
         start = time.perf_counter()
-        comparator.compare(photos[i % len(photos)])
+        compare(photos[i % len(photos)])
         after_request()
         times.append((time.perf_counter() - start) * 1000)
 
@@ -79,8 +81,8 @@ def run_variant(where: str, malloc: str, photos: list[Path], requests: int) -> d
             try:
                 send_all()
             finally:
-                speed.TORCH_THREAD.stop()
-        speed.TORCH_THREAD.serve_forever(start=threading.Thread(target=client).start, poll_s=0.05)
+                TORCH_THREAD.stop()
+        TORCH_THREAD.serve_forever(start=threading.Thread(target=client).start, poll_s=0.05)
     else:
         send_all()
     steady = times[len(times) // 4:]  # the first requests build each thread's state

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 import timm
+from timm.data import DEFAULT_CROP_PCT
 import torch
 from torch import nn
 
@@ -123,7 +124,7 @@ def data_config(name: str, img_size: int | None = None) -> dict:
         "mean": [float(m) for m in pretrained.mean],
         "std": [float(s) for s in pretrained.std],
         "interpolation": pretrained.interpolation or "bicubic",
-        "crop_pct": float(pretrained.crop_pct or 0.875),
+        "crop_pct": float(pretrained.crop_pct or DEFAULT_CROP_PCT),
     }
 
 
@@ -147,18 +148,6 @@ def split(backbone: nn.Module, name: str, train_from: str) -> tuple[Stages, Stag
     modules = [backbone.get_submodule(path) for path in stages]
     trunk_dim = _out_channels(modules[:cut])
     return Stages(modules[:cut], trunk_dim), Stages(modules[cut:], feature_dim(backbone))
-
-
-def chain(backbone: nn.Module, name: str) -> list[nn.Module] | None:
-    """`forward_features` of `backbone` (registered as `name`, or a trunk made by `split`) as
-    blocks to apply in turn, each stage's blocks one by one; None when its stages are unknown."""
-    if isinstance(backbone, Stages):
-        stages = list(backbone)
-    elif backbone_cfg(name).stages:
-        stages = [backbone.get_submodule(path) for path in backbone_cfg(name).stages]
-    else:
-        return None
-    return [block for stage in stages for block in (stage if isinstance(stage, nn.Sequential) else [stage])]
 
 
 def _out_channels(modules: list[nn.Module]) -> int:

@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from birdfg import layout
 from birdfg.backbones import create_backbone, split
 from birdfg.models import MODEL_KEYS, BirdModel, ModelSpec, build, shared_backbone_key
 
@@ -136,7 +137,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file.")
-    if path.suffix != ".safetensors":
+    if path.suffix != layout.CHECKPOINT_SUFFIX:
         raise CheckpointError(f"{path}: not a .safetensors file; birdfg loads only safetensors (never pickles).")
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -159,7 +160,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 
 def _metadata_problems(meta: dict[str, Any]) -> list[str]:
-    """Types and ranges of everything the loader, the Comparator and the app read from the
+    """Types and ranges of everything the loader, the engine and the app read from the
     metadata, so that a tampered file fails here, with its name, and not later in a transform."""
     problems = []
     for key in ("spec", "preprocess", "metrics", "trained"):
@@ -194,7 +195,7 @@ def _preprocess_problems(pre: dict, img_size: Any) -> list[str]:
             problems.append(f"preprocess {key} is not 3 numbers")
         elif key == "std" and min(values) <= 0:
             problems.append("preprocess std must be positive")
-    crop = pre.get("crop_pct", 0.875)
+    crop = pre.get("crop_pct", layout.CROP_PCT)
     if not (isinstance(crop, (int, float)) and 0 < crop <= 1):
         problems.append(f"preprocess crop_pct {crop!r} is not in (0, 1]")
     if pre.get("interpolation", "bicubic") not in INTERPOLATIONS:
@@ -260,7 +261,7 @@ def _check_shapes(path: Path, expected: dict[str, tuple], found: dict[str, tuple
 
 
 def load_set(folder: Path, keys: tuple[str, ...] = MODEL_KEYS) -> ModelSet:
-    """Load `<key>.safetensors` for each key in `folder`. Anything refused is logged and kept in
+    """Load each key's checkpoint (see layout.py) in `folder`. Anything refused is logged and kept in
     `errors` (file -> message); the set holds whatever did load."""
     folder = Path(folder)
     result = ModelSet(folder)
@@ -272,7 +273,7 @@ def load_set(folder: Path, keys: tuple[str, ...] = MODEL_KEYS) -> ModelSet:
             result.errors[other.name] = f"{other}: ignored; birdfg never unpickles, use .safetensors checkpoints."
     shared: dict[str, nn.Module] = {}
     for key in keys:
-        path = folder / f"{key}.safetensors"
+        path = layout.checkpoint_path(folder, key)
         if not path.exists():
             result.errors[path.name] = f"{path}: missing (train it with `python train.py --models {key}`)."
             continue
@@ -307,7 +308,7 @@ def find_sets(root: Path) -> dict[str, Path]:
         return {}
     return {
         d.name: d for d in sorted(root.iterdir())
-        if d.is_dir() and any((d / f"{k}.safetensors").exists() for k in MODEL_KEYS)
+        if d.is_dir() and layout.holds_models(d)
     }
 
 

@@ -1,4 +1,6 @@
-"""Dataset discovery, class names, transforms and the Lightning DataModule.
+"""Dataset discovery, class names, transforms, bird boxes, and the photo Dataset that training
+and feature caching read (their DataModule is birdfg/datamodule.py; this module stays free of
+Lightning, since the app imports it).
 
 Layout: `DIR/train_images/<class>/*.jpg`, `DIR/val_images/<class>/*.jpg`, optional
 `DIR/test_images/<anything>/*.jpg`. Class names are the train folder names, sorted; the label of
@@ -12,13 +14,15 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset, default_collate
 from torchvision import transforms as T
 
 from birdfg.images import ImageError, open_rgb
+from birdfg.layout import CROP_PCT
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +128,7 @@ def build_transform(preprocess: dict, train: bool) -> T.Compose:
             T.ToTensor(),
             normalise,
         ])
-    resize = int(round(size / preprocess.get("crop_pct", 0.875)))
+    resize = int(round(size / preprocess.get("crop_pct", CROP_PCT)))
     return T.Compose([T.Resize(resize, interpolation=interpolation), T.CenterCrop(size), T.ToTensor(), normalise])
 
 
@@ -174,7 +178,8 @@ class ImageDataset(Dataset):
     reported once by name, so one bad file never stops a run. With `boxes`, photos that have a
     bird box are first cropped around the bird (training views only)."""
 
-    def __init__(self, items: list[Sample], transform, boxes: dict[Path, Box] | None = None):
+    def __init__(self, items: list[Sample], transform: Callable[[Image.Image], Any],
+                 boxes: dict[Path, Box] | None = None):
         self.items = items
         self.transform = transform
         self.boxes = boxes or {}
@@ -183,7 +188,7 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> tuple[Any, int, int] | None:
         item = self.items[i]
         try:
             img = open_rgb(item.path)
@@ -198,7 +203,7 @@ class ImageDataset(Dataset):
         return self.transform(img), item.label, i
 
 
-def collate(batch):
+def collate(batch: list[tuple[Any, int, int] | None]) -> list[torch.Tensor] | None:
     """default_collate without the files that failed to decode; None when a whole batch failed."""
     kept = [b for b in batch if b is not None]
     return default_collate(kept) if kept else None
@@ -217,6 +222,7 @@ def scan_unreadable(items: list[Sample]) -> list[tuple[Path, str]]:
 
 
 def drop_unreadable(items: list[Sample], what: str) -> list[Sample]:
+    """`items` less the files `scan_unreadable` rejects, each logged by name (`what` names the split)."""
     bad = scan_unreadable(items)
     for path, why in bad:
         log.warning("skipping unreadable image %s (%s)", path, why)
@@ -225,16 +231,3 @@ def drop_unreadable(items: list[Sample], what: str) -> list[Sample]:
     bad_paths = {p for p, _ in bad}
     return [s for s in items if s.path not in bad_paths]
 
-
-def loader(items: list[Sample], preprocess: dict, train: bool, batch_size: int, workers: int = 0,
-           seed: int = 0) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        ImageDataset(items, build_transform(preprocess, train)),
-        batch_size=batch_size,
-        shuffle=train,
-        num_workers=workers,
-        collate_fn=collate,
-        generator=generator,
-        persistent_workers=workers > 0,
-    )

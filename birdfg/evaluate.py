@@ -14,18 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchmetrics.classification import MulticlassConfusionMatrix
 from tqdm.auto import tqdm
 
+from birdfg import layout
 from birdfg.checkpoints import load_set
-from birdfg.compare import Comparator, explanation
 from birdfg.data import Box, DatasetError, Sample, display_name, read_boxes, samples
-from birdfg.explain import crop_box, peak_location
 from birdfg.images import ImageError, open_rgb
+from birdfg.inference import Comparison, Engine
 from birdfg.models import ENSEMBLE_KEY
+from birdfg.overlay import crop_box, peak_location
 
 log = logging.getLogger("birdfg.evaluate")
-REPORT_DIR = "report"
-REPORT_FILE = "evaluation.json"
 
 
 def _hit(peak: tuple[float, float], box: Box, photo_size: tuple[int, int]) -> bool:
@@ -33,14 +33,13 @@ def _hit(peak: tuple[float, float], box: Box, photo_size: tuple[int, int]) -> bo
     return left <= peak[0] <= right and top <= peak[1] <= bottom
 
 
-def evaluate(comparator: Comparator, items: list[Sample], data_dir: Path, batch_size: int = 16,
+def evaluate(engine: Engine, items: list[Sample], data_dir: Path, batch_size: int = 16,
              boxes: dict | None = None) -> dict:
     """Accuracy, per-class accuracy, confusion matrices and (with `boxes`) pointing game."""
-    classes = comparator.classes
-    keys = list(comparator.models) + [ENSEMBLE_KEY]
-    n = len(classes)
-    confusion = {k: np.zeros((n, n), dtype=int) for k in keys}
-    hits = {k: [0, 0] for k in comparator.models}
+    classes = engine.classes
+    keys = list(engine.models) + [ENSEMBLE_KEY]
+    confusion = {k: MulticlassConfusionMatrix(num_classes=len(classes)) for k in keys}
+    hits = {k: [0, 0] for k in engine.models}
     skipped = []
     for start in tqdm(range(0, len(items), batch_size), desc="evaluating", unit="batch"):
         batch, photos = [], []
@@ -53,27 +52,22 @@ def evaluate(comparator: Comparator, items: list[Sample], data_dir: Path, batch_
                 skipped.append(str(item.path))
         if not batch:
             continue
-        labels = [s.label for s in batch]
-        outputs = {}
-        for group in comparator.groups:
-            outputs.update(comparator.forward_group(photos, group))
-        probs = {}
-        for key, out in outputs.items():
-            if isinstance(out, Exception):
-                raise RuntimeError(f"model {key} failed: {out}") from out
-            probs[key] = out.probs
-            if boxes is not None:
-                _pointing(comparator, key, out, batch, photos, data_dir, boxes, hits[key])
-        probs[ENSEMBLE_KEY] = torch.stack([probs[k] for k in comparator.models]).mean(0)
+        comparisons = engine.run(photos, evidence=boxes is not None)
+        labels = torch.tensor([s.label for s in batch])
         for key in keys:
-            for truth, pred in zip(labels, probs[key].argmax(-1).tolist()):
-                confusion[key][truth, pred] += 1
+            failed = [c.results[key].error for c in comparisons if key in c.results and not c.results[key].ok]
+            if failed:
+                raise RuntimeError(f"model {key} failed: {failed[0]}")
+            confusion[key].update(torch.tensor(np.stack([c.probs(key) for c in comparisons])), labels)
+        if boxes is not None:
+            for key in engine.models:
+                _pointing(engine, key, comparisons, batch, photos, boxes, hits[key])
     if skipped:
         log.warning("skipped %d unreadable file(s) of %d", len(skipped), len(items))
     report = {}
     for key in keys:
-        cm = confusion[key]
-        per_class = {classes[i]: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None) for i in range(n)}
+        cm = confusion[key].compute().numpy()
+        per_class = {classes[i]: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None) for i in range(len(classes))}
         report[key] = {"accuracy": float(np.trace(cm) / max(cm.sum(), 1)), "correct": int(np.trace(cm)),
                        "total": int(cm.sum()), "per_class": per_class, "confusion": cm.tolist()}
         if key in hits and hits[key][1]:
@@ -83,14 +77,15 @@ def evaluate(comparator: Comparator, items: list[Sample], data_dir: Path, batch_
     return report
 
 
-def _pointing(comparator, key, out, batch, photos, data_dir, boxes, tally) -> None:
-    head = comparator.models[key].model.head
-    preprocess = comparator.models[key].preprocess
-    for i, (item, photo) in enumerate(zip(batch, photos)):
+def _pointing(engine: Engine, key: str, comparisons: list[Comparison], batch: list[Sample], photos: list,
+              boxes: dict, tally: list[int]) -> None:
+    """Count the photos whose map for the true class peaks inside the bird box."""
+    preprocess = engine.models[key].preprocess
+    for comparison, item, photo in zip(comparisons, batch, photos):
         box = boxes.get(item.path.resolve())
         if box is None:
             continue
-        heat = explanation(head, out.features[i:i + 1], [a[i:i + 1] for a in out.attentions], item.label)
+        heat = engine.explain(comparison, key, item.label)
         peak = peak_location(heat, crop_box(photo.size, preprocess))
         tally[0] += _hit(peak, box, photo.size)
         tally[1] += 1
@@ -115,12 +110,12 @@ def save_confusion_png(cm: list[list[int]], classes: list[str], title: str, path
     plt.close(fig)
 
 
-def print_report(report: dict, comparator: Comparator) -> None:
+def print_report(report: dict, engine: Engine) -> None:
     print(f"\n{'model':<30} {'accuracy':>9} {'correct':>8} {'pointing':>9}")
     for key, r in report.items():
         if key.startswith("_"):
             continue
-        name = comparator.models[key].display_name if key in comparator.models else "Ensemble (mean softmax)"
+        name = engine.models[key].display_name if key in engine.models else "Ensemble (mean softmax)"
         pg = f"{r['pointing_game']:.3f}" if "pointing_game" in r else "-"
         print(f"{name:<30} {r['accuracy']:>9.3f} {r['correct']:>4}/{r['total']:<4} {pg:>8}")
 
@@ -148,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no usable checkpoint in {args.checkpoints}: " + "; ".join(model_set.errors.values()),
               file=sys.stderr)
         return 2
-    comparator = Comparator(model_set)
+    engine = Engine(model_set)
     try:
-        items = samples(args.data, args.split, comparator.classes, args.split_file)
+        items = samples(args.data, args.split, engine.classes, args.split_file)
     except (DatasetError, KeyError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -161,23 +156,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --pointing-game needs {annotations} (bird boxes)", file=sys.stderr)
             return 2
         boxes = read_boxes(annotations)
-    report = evaluate(comparator, items, args.data, args.batch_size, boxes)
+    report = evaluate(engine, items, args.data, args.batch_size, boxes)
     report["_meta"] = {"split": args.split, "split_file": str(args.split_file) if args.split_file else None,
                        "data": str(args.data), "checkpoints": str(args.checkpoints)}
-    print_report(report, comparator)
+    print_report(report, engine)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
         print(f"wrote {args.json}")
     if not args.no_save:
-        out = args.checkpoints / REPORT_DIR
-        out.mkdir(exist_ok=True)
         tag = f"{args.split}-{args.split_file.stem}" if args.split_file else args.split
-        for key in comparator.models:
-            save_confusion_png(report[key]["confusion"], comparator.classes,
-                               f"{comparator.models[key].display_name} ({tag})", out / f"{key}_confusion_{tag}.png")
-        (out / f"evaluation_{tag}.json").write_text(json.dumps(report, indent=1))
-        print(f"stored report and confusion matrices in {out}")
+        layout.report_dir(args.checkpoints).mkdir(exist_ok=True)
+        for key in engine.models:
+            save_confusion_png(report[key]["confusion"], engine.classes,
+                               f"{engine.models[key].display_name} ({tag})", layout.confusion_png(args.checkpoints, key, tag))
+        layout.report_path(args.checkpoints, tag).write_text(json.dumps(report, indent=1))
+        print(f"stored report and confusion matrices in {layout.report_dir(args.checkpoints)}")
     return 0
 
 

@@ -3,7 +3,8 @@ and knows how to spread a class score back over image locations (its explanation
 
 Feature maps are (B, C, H, W); token features are (B, 1 + N, D) with the class token first.
 `class_maps(features, classes)` returns (B, K, H, W): for each image, one map per requested class,
-computed from the features of the same forward pass that produced the prediction.
+computed from the features of the same forward pass that produced the prediction. Each head
+lists the explanation methods it offers in `explanations` (see explanations.py).
 """
 from __future__ import annotations
 
@@ -15,10 +16,14 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from birdfg.explanations import AttentionRollout, BilinearSplit, ClassActivationMap, LayerAttention
+
 
 class LinearHead(nn.Module):
     """Global average pool + dropout + linear: the CNN head. Its CAM is exact:
     mean_l(CAM_c(l)) + b_c equals the logit, because pooling and the linear layer commute."""
+
+    explanations = (ClassActivationMap,)
 
     def __init__(self, in_features: int, num_classes: int, dropout: float = 0.2):
         super().__init__()
@@ -35,7 +40,9 @@ class LinearHead(nn.Module):
 
 class TokenHead(nn.Module):
     """Linear classifier on the class token of a ViT backbone (the full preset's ViT-B/16).
-    Its explanation is attention rollout over the backbone's blocks (see explain.py)."""
+    Its explanation is attention over the backbone's blocks."""
+
+    explanations = (AttentionRollout, LayerAttention)
 
     def __init__(self, in_features: int, num_classes: int, dropout: float = 0.1):
         super().__init__()
@@ -50,6 +57,8 @@ class TransformerHead(nn.Module):
     """A hybrid ViT on top of a CNN feature map: each location becomes a patch token, a class
     token and learned position embeddings are added, and a small transformer encoder (timm's own
     `Block`, so attention is real ViT attention) feeds a linear classifier on the class token."""
+
+    explanations = (AttentionRollout, LayerAttention)
 
     def __init__(
         self,
@@ -99,6 +108,8 @@ class BilinearHead(nn.Module):
     An optional 1x1 convolution reduces the channels first (documented deviation from the
     paper): 2048^2 x classes weights for ResNet-152 would be 84M parameters per 20 classes.
     """
+
+    explanations = (BilinearSplit,)
 
     def __init__(self, in_features: int, num_classes: int, dim: int | None = 256, dropout: float = 0.2):
         super().__init__()

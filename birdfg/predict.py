@@ -9,19 +9,18 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from birdfg.checkpoints import load_set
-from birdfg.compare import Comparator
 from birdfg.data import DatasetError, samples
 from birdfg.images import ImageError, open_rgb
+from birdfg.inference import Engine
 from birdfg.models import ENSEMBLE_KEY, MODEL_KEYS
 
 log = logging.getLogger("birdfg.predict")
 
 
-def predict(comparator: Comparator, paths: list[Path], model: str = ENSEMBLE_KEY,
+def predict(engine: Engine, paths: list[Path], model: str = ENSEMBLE_KEY,
             batch_size: int = 16) -> tuple[list[tuple[str, int]], list[str]]:
     """[(file stem, class index)] for the readable photos, and a message per unreadable one."""
     rows, problems = [], []
@@ -35,12 +34,11 @@ def predict(comparator: Comparator, paths: list[Path], model: str = ENSEMBLE_KEY
                 problems.append(str(exc))
         if not photos:
             continue
-        probs = comparator.classify(photos)
-        failed = {k: v for k, v in probs.items() if isinstance(v, Exception)}
+        comparisons = engine.run(photos)
+        failed = {k: r.error for c in comparisons for k, r in c.results.items() if not r.ok}
         if failed:
             raise RuntimeError(f"model(s) failed: {failed}")
-        chosen = torch.stack(list(probs.values())).mean(0) if model == ENSEMBLE_KEY else probs[model]
-        rows += [(p.stem, int(c)) for p, c in zip(kept, chosen.argmax(-1).tolist())]
+        rows += [(p.stem, c.predicted(model)) for p, c in zip(kept, comparisons)]
     return rows, problems
 
 
@@ -63,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    rows, problems = predict(Comparator(model_set), paths, args.model, args.batch_size)
+    rows, problems = predict(Engine(model_set), paths, args.model, args.batch_size)
     for message in problems:
         log.warning("skipped %s", message)
     args.out.parent.mkdir(parents=True, exist_ok=True)

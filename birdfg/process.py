@@ -5,7 +5,7 @@
   That wins for one visitor and loses under a crowd, where the spinning thread burns the CPU that
   Gradio needs. Measured on 2 cores (`benchmarks/results/server_settings.json` and the load test):
   default: 35 ms per comparison, 4.5-4.7 answers/s for 16 clients; 3,000: 37 ms, 6.2 answers/s;
-  100: 50 ms, 6.8 answers/s. The model work itself runs on one thread (speed.TorchThread).
+  100: 50 ms, 6.8 answers/s. The model work itself runs on one thread (birdfg/app/worker.py).
 """
 from __future__ import annotations
 

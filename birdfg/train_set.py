@@ -1,104 +1,91 @@
 """Training a model set: the chosen models of a preset one after another, each exported to
 `OUTPUT/<preset>/<key>.safetensors`, then a table shaped like the report's Table I.
-`train.py` parses the command line and calls `train_set`."""
+`train.py` turns its command line into a `TrainConfig` and calls `train_set`."""
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import logging
 import sys
 import time
 from pathlib import Path
 
+from torch import nn
 
-from birdfg import checkpoints
-from birdfg.data import DatasetError, check_class_folders, class_names, drop_unreadable, read_boxes, samples
-from birdfg.models import (TRAINING_DEFAULTS, build, default_epochs, preprocess_config, preset_specs,
-                           shared_backbone_key)
-from birdfg.training import TrainConfig, build_feature_cache, fit, image_loaders
+from birdfg import checkpoints, layout
+from birdfg.data import Box, DatasetError, check_class_folders, class_names, drop_unreadable, read_boxes, samples
+from birdfg.datamodule import FeatureCache, build_feature_cache
+from birdfg.models import BirdModel, build, preprocess_config, preset_specs, shared_backbone_key
+from birdfg.train_config import TrainConfig
+from birdfg.training import TrainResult, fit
 
 log = logging.getLogger("birdfg.train")
 
 
-def _devices(value: str) -> str | int:
-    return int(value) if value.isdigit() else value
-
-
-def train_set(args: argparse.Namespace, command: str) -> int:
-    """Train, export and tabulate; returns the process exit code."""
+def train_set(cfg: TrainConfig, command: str) -> int:
+    """Train, export and tabulate the models `cfg` names; returns the process exit code.
+    `command` is recorded in each exported checkpoint's metadata ("trained")."""
     try:
-        check_class_folders(args.data)
-        classes = class_names(args.data)
-        train_items = drop_unreadable(samples(args.data, "train", classes, args.split_file), "train")
-        val_items = drop_unreadable(samples(args.data, "val", classes, args.split_file), "val")
+        check_class_folders(cfg.data)
+        classes = class_names(cfg.data)
+        train_items = drop_unreadable(samples(cfg.data, "train", classes, cfg.split_file), "train")
+        val_items = drop_unreadable(samples(cfg.data, "val", classes, cfg.split_file), "val")
     except (DatasetError, OSError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not train_items or not val_items:
-        print(f"error: {args.data}: need train and val photos (found {len(train_items)} / {len(val_items)}).",
+        print(f"error: {cfg.data}: need train and val photos (found {len(train_items)} / {len(val_items)}).",
               file=sys.stderr)
         return 2
-    boxes = _boxes(args)
-    defaults = TRAINING_DEFAULTS[args.preset]
-    cfg = TrainConfig(
-        epochs=args.epochs or defaults["epochs"], batch_size=args.batch_size,
-        lr=args.lr or defaults["lr"], weight_decay=args.weight_decay, seed=args.seed,
-        backbone_lr_scale=args.backbone_lr_scale or defaults["backbone_lr_scale"],
-        accelerator=args.accelerator, devices=_devices(args.devices), num_nodes=args.num_nodes,
-        strategy=args.strategy, precision=args.precision, logger=args.logger, workers=args.workers,
-        resume=args.resume,
-    )
-    split_name = f"{args.split_file.name}:cub_split" if args.split_file else "train_images/val_images"
-    specs = preset_specs(args.preset, len(classes), tuple(args.models), args.img_size)
-    out_dir = args.output / args.preset
-    runs_dir = args.output / ".runs" / args.preset
-    shared_backbones: dict = {}
-    caches: dict = {}
+    boxes = _boxes(cfg)
+    split_name = f"{cfg.split_file.name}:cub_split" if cfg.split_file else "train_images/val_images"
+    specs = preset_specs(cfg.preset, len(classes), tuple(cfg.models), cfg.img_size)
+    out_dir = cfg.output / cfg.preset
+    runs_dir = cfg.output / ".runs" / cfg.preset
+    # Models with a frozen backbone share one backbone object and, per input size, one feature cache.
+    shared_backbones: dict[str, nn.Module] = {}
+    caches: dict[tuple[str, int], FeatureCache] = {}
     rows = []
     total_start = time.perf_counter()
     for key, spec in specs.items():
         print(f"\n== {key}: {spec.display_name} ({spec.backbone} + {spec.head} head) ==", flush=True)
         shared_key = shared_backbone_key(spec)
         backbone = shared_backbones.get(shared_key) if spec.frozen_backbone else None
-        model = build(spec, pretrained=not args.no_pretrained, backbone=backbone)
-        if spec.frozen_backbone:
-            shared_backbones[shared_key] = model.backbone
+        model = build(spec, pretrained=cfg.pretrained, backbone=backbone)
         preprocess = preprocess_config(spec)
         if spec.frozen_backbone:
+            shared_backbones[shared_key] = model.backbone
             cache_key = (shared_key, spec.img_size)
             if cache_key not in caches:
-                caches[cache_key] = build_feature_cache(model, preprocess, train_items, val_items, args.views,
-                                                        args.seed, runs_dir / "cache", boxes=boxes)
+                caches[cache_key] = build_feature_cache(model, preprocess, train_items, val_items, cfg.views,
+                                                        cfg.seed, runs_dir / "cache", boxes=boxes)
             train_data, val_data = caches[cache_key].train, caches[cache_key].val
         else:
-            train_data, val_data = image_loaders(train_items, val_items, preprocess, cfg)
+            train_data, val_data = train_items, val_items
         try:
-            epochs = args.epochs or default_epochs(args.preset, key)
-            result = fit(model, train_data, val_data, dataclasses.replace(cfg, epochs=epochs), runs_dir / key)
+            result = fit(model, train_data, val_data, cfg, runs_dir / key)
         except checkpoints.CheckpointError as exc:  # --resume found a last.ckpt it must not trust
             print(f"error: {exc}", file=sys.stderr)
             return 2
         metrics = {"train_acc": result.train_acc, "val_acc": result.val_acc, "split": split_name,
                    "best_epoch": result.best_epoch}
         trained = {"epochs": result.epochs_run, "command": command, "seconds": round(result.seconds, 1),
-                   "pretrained": not args.no_pretrained, "bird_box_views": bool(boxes and spec.frozen_backbone)}
-        status = _export_if_better(model, out_dir / f"{key}.safetensors", classes, preprocess, metrics, trained,
-                                   args.force)
+                   "pretrained": cfg.pretrained, "bird_box_views": bool(boxes and spec.frozen_backbone)}
+        status = _export_if_better(model, layout.checkpoint_path(out_dir, key), classes, preprocess, metrics, trained,
+                                   cfg.force)
         rows.append((key, spec.display_name, result, status))
     print(_table(rows, time.perf_counter() - total_start))
-    if args.push_to_hub:
-        url = checkpoints.push_set(out_dir, args.push_to_hub, command)
+    if cfg.push_to_hub:
+        url = checkpoints.push_set(out_dir, cfg.push_to_hub, command)
         print(f"published {out_dir} to {url}")
     return 0
 
 
-def _boxes(args: argparse.Namespace) -> dict | None:
-    """Bird boxes for zoomed training views: --boxes CSV, else DATA/annotations.csv when present."""
-    if args.no_boxes:
+def _boxes(cfg: TrainConfig) -> dict[Path, Box] | None:
+    """Bird boxes for zoomed training views: cfg.boxes, else DATA/annotations.csv when present."""
+    if not cfg.use_boxes:
         return None
-    path = args.boxes or (args.data / "annotations.csv")
+    path = cfg.boxes or (cfg.data / "annotations.csv")
     if not path.exists():
-        if args.boxes:
+        if cfg.boxes:
             raise SystemExit(f"error: --boxes {path}: no such file")
         return None
     boxes = read_boxes(path)
@@ -106,7 +93,10 @@ def _boxes(args: argparse.Namespace) -> dict | None:
     return boxes
 
 
-def _export_if_better(model, path: Path, classes, preprocess, metrics, trained, force: bool) -> str:
+def _export_if_better(model: BirdModel, path: Path, classes: list[str], preprocess: dict, metrics: dict,
+                      trained: dict, force: bool) -> str:
+    """Export unless the file already there scored a higher val accuracy (a worse run must not
+    replace a better model without --force); returns the table's status text."""
     if path.exists() and not force:
         try:
             old = checkpoints.read_metadata(path)["metrics"].get("val_acc", -1.0)
@@ -122,7 +112,7 @@ def _export_if_better(model, path: Path, classes, preprocess, metrics, trained, 
     return "exported"
 
 
-def _table(rows, seconds: float) -> str:
+def _table(rows: list[tuple[str, str, TrainResult, str]], seconds: float) -> str:
     lines = ["", "Table I - accuracy", f"{'model':<28} {'train acc':>9} {'val acc':>8}  {'epoch':>5}  checkpoint",
              "-" * 72]
     for _key, name, r, status in rows:

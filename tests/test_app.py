@@ -9,6 +9,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -170,14 +171,16 @@ def model_set(app_checkpoints):
 
 
 def fake_set(folder: Path, keys=KEYS) -> Path:
+    from birdfg.layout import checkpoint_path
+
     folder.mkdir(parents=True, exist_ok=True)
     for key in keys:
-        (folder / f"{key}.safetensors").write_bytes(b"")
+        checkpoint_path(folder, key).write_bytes(b"")
     return folder
 
 
 def test_default_set_is_full_only_when_complete(tmp_path):
-    from birdfg.app_state import discover
+    from birdfg.app.sets import discover
 
     fake_set(tmp_path / "lite")
     fake_set(tmp_path / "full", keys=("cnn", "vit"))
@@ -189,7 +192,7 @@ def test_default_set_is_full_only_when_complete(tmp_path):
 
 
 def test_no_checkpoints_says_what_to_do(tmp_path):
-    from birdfg.app_state import ModelSets, SetError
+    from birdfg.app.sets import ModelSets, SetError
 
     sets = ModelSets.discover(tmp_path / "nothing")
     assert sets.default is None and "train.py" in sets.notes[0]
@@ -200,7 +203,8 @@ def test_no_checkpoints_says_what_to_do(tmp_path):
 def test_hub_set_is_used_when_cached_and_offline_falls_back_to_disk(tmp_path, monkeypatch, app_checkpoints):
     from huggingface_hub import constants
 
-    from birdfg.app_state import discover
+    from birdfg.app.sets import discover
+    from birdfg.layout import checkpoint_path
 
     fake_set(tmp_path / "sets" / "lite")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -216,22 +220,23 @@ def test_hub_set_is_used_when_cached_and_offline_falls_back_to_disk(tmp_path, mo
     snapshot = repo / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
     for key in KEYS:
-        (snapshot / f"{key}.safetensors").symlink_to(Path(app_checkpoints, f"{key}.safetensors").resolve())
+        checkpoint_path(snapshot, key).symlink_to(checkpoint_path(app_checkpoints, key).resolve())
     sources, default, notes = discover(tmp_path / "sets", hub_repo="birdfg/demo")
     assert default == "hub:birdfg/demo" and sources[0].folder == snapshot and not notes
 
 
 def test_the_status_line_shows_notes_even_without_models(tmp_path):
-    from birdfg.app_state import ModelSets
-    from birdfg.ui import _set_status
+    from birdfg.app.presentation import set_status
+    from birdfg.app.sets import ModelSets
 
     sets = ModelSets.discover(tmp_path / "empty", hub_repo=None)
-    status = _set_status(sets, None, None, "No model set is available")
+    status = set_status(sets, None, None, "No model set is available")
     assert "No model checkpoints found" in status and "No model set is available" in status
 
 
 def test_sets_load_once_and_at_most_max_loaded_stay(app_checkpoints, tmp_path):
-    from birdfg.app_state import ModelSets, ResultCache, discover
+    from birdfg.app.session import ResultCache
+    from birdfg.app.sets import ModelSets, discover
 
     root = app_server.sets_root(app_checkpoints, tmp_path)
     sets = ModelSets(*discover(root), max_loaded=1)
@@ -242,39 +247,87 @@ def test_sets_load_once_and_at_most_max_loaded_stay(app_checkpoints, tmp_path):
     cache.put("session-a", "lite", object())
     second = sets.get("lite-copy")
     assert second is not first and cache.get("session-a", "lite") is None  # evicted with its results
-    assert list(sets._loaded) == ["lite-copy"]
+    assert sets.loaded == ["lite-copy"]
 
 
 def test_one_failing_model_shows_its_error_and_the_others_answer(model_set, sample_photo):
     import torch
 
-    from birdfg.app_state import View, agreement, model_header, render_overlay, render_pairs, top5
-    from birdfg.compare import Comparator
+    from birdfg.app.presentation import agreement, column_header, top5
+    from birdfg.app.view import View, draw_overlay, map_caption, map_parts
+    from birdfg.inference import Engine
+
+    bcnn = model_set.models["bcnn"].model
 
     class BrokenHead(torch.nn.Module):  # a head that fails at run time, as a corrupt one would
+        explanations = type(bcnn.head).explanations  # it still offers the same maps
+
         def forward(self, features):
             raise RuntimeError("the head's weights are NaN")
 
-    bcnn = model_set.models["bcnn"].model
     working_head, bcnn.head = bcnn.head, BrokenHead()
     try:
-        comparator = Comparator(model_set)
-        comparison = comparator.compare(sample_photo)
+        engine = Engine(model_set, runtime="torch")
+        comparison = engine.compare(sample_photo)
     finally:
         bcnn.head = working_head
     answer = comparison.to_json()
     assert "NaN" in answer["models"]["bcnn"]["error"] and answer["models"]["bcnn"]["top5"] == []
     assert answer["models"]["cnn"]["top5"] and answer["models"]["vit"]["top5"] and answer["ensemble"]["top5"]
     assert answer["agree"] is False
-    assert "failed" in model_header("bcnn", comparator.models["bcnn"], comparison)
-    assert render_overlay(comparison, "bcnn", View()) is None and render_pairs(comparison, View()) == []
-    assert render_overlay(comparison, "cnn", View()).size == comparison.photo.size
+    assert "failed" in column_header(engine, "bcnn", comparison)
+    assert draw_overlay(engine, comparison, "bcnn", View()) is None
+    assert map_parts(engine, comparison, "bcnn", View()) == [] and map_caption(engine, comparison, "bcnn", View()) == ""
+    assert draw_overlay(engine, comparison, "cnn", View()).size == comparison.photo.size
     assert top5(comparison, "bcnn") is None
-    assert f"{comparator.models['bcnn'].display_name} failed" in agreement(comparison)
+    sentence = agreement(comparison)
+    # One rule: the JSON says they do not agree, so neither does the sentence (even when the two
+    # models that answered name the same species).
+    assert f"{engine.models['bcnn'].display_name} failed" in sentence and not sentence.startswith("✓")
+
+
+def test_the_agreement_sentence_follows_the_answer(model_set, sample_photo):
+    """The sentence claims agreement exactly when the `/compare` answer's "agree" does."""
+    from birdfg.app.presentation import agreement
+    from birdfg.inference import Comparison, ModelResult
+
+    classes = model_set.models["cnn"].classes
+
+    def result(key, top):
+        probs = np.full(len(classes), 0.1 / (len(classes) - 1), dtype=np.float32)
+        probs[top] = 0.9
+        return ModelResult(key, key.upper(), probs, 1.0)
+
+    same = Comparison(classes, {k: result(k, 0) for k in KEYS})
+    assert same.to_json()["agree"] and agreement(same).startswith("✓ **All three agree")
+    split = Comparison(classes, {"cnn": result("cnn", 0), "vit": result("vit", 1), "bcnn": result("bcnn", 0)})
+    assert not split.to_json()["agree"] and agreement(split).startswith("**They disagree**")
+    one_failed = Comparison(classes, {**same.results, "bcnn": ModelResult("bcnn", "BCNN", error="broken")})
+    assert not one_failed.to_json()["agree"] and not agreement(one_failed).startswith("✓")
+    assert "BCNN failed" in agreement(one_failed)
+
+
+def test_map_menus_come_from_the_explanation_methods(model_set):
+    """The ViT's methods (rollout, one layer with a head) become a view menu and a head menu; a
+    choice from them asks the engine for that method and options; the CNN gets no menu."""
+    from birdfg.app.view import MapChoice, choice_of, has_parts, map_menus
+    from birdfg.explanations import explanations_of
+
+    vit = explanations_of(model_set.models["vit"].model)
+    view_menu, head_menu = map_menus(vit)
+    labels = [label for label, _ in view_menu.choices]
+    assert labels[0] == "Rollout (all layers)" and "Layer 1 only" in labels
+    assert head_menu.choices[0][0] == "Mean of heads"
+    layer_1 = dict(view_menu.choices)["Layer 1 only"]
+    assert choice_of([view_menu.default, head_menu.default]) == MapChoice("rollout", {})
+    assert choice_of([layer_1, head_menu.default]) == MapChoice("layer", {"layer": 0, "head": None})
+    assert choice_of([layer_1, dict(head_menu.choices)["Head 2"]]) == MapChoice("layer", {"layer": 0, "head": 1})
+    assert map_menus(explanations_of(model_set.models["cnn"].model)) == []
+    assert [has_parts(explanations_of(model_set.models[k].model)[0]) for k in KEYS] == [False, False, True]
 
 
 def test_result_cache_is_a_small_lru_per_session():
-    from birdfg.app_state import ResultCache
+    from birdfg.app.session import ResultCache
 
     cache = ResultCache(capacity=2)
     cache.put("a", "lite", "A")
@@ -286,7 +339,8 @@ def test_result_cache_is_a_small_lru_per_session():
 
 
 def test_models_tab_reads_the_stored_report(tmp_path, model_set):
-    from birdfg.app_state import read_report
+    from birdfg.app.report import read_report
+    from birdfg.layout import confusion_png, report_path
 
     folder, models = tmp_path / "lite", model_set.models
     folder.mkdir()
@@ -297,10 +351,10 @@ def test_models_tab_reads_the_stored_report(tmp_path, model_set):
     classes = models["cnn"].classes
     entry = {"accuracy": 0.5, "correct": 1, "total": 2, "per_class": {c: 0.5 for c in classes},
              "pointing_game": 0.75, "pointing_total": 4}
-    (folder / "report").mkdir()
-    (folder / "report" / "evaluation_val.json").write_text(json.dumps(
+    report_path(folder).parent.mkdir()
+    report_path(folder).write_text(json.dumps(
         {**{k: entry for k in (*KEYS, "ensemble")}, "_meta": {"split": "val", "data": "birds"}}))
-    Image.new("RGB", (40, 40)).save(folder / "report" / "cnn_confusion_val.png")
+    Image.new("RGB", (40, 40)).save(confusion_png(folder, "cnn"))
     report = read_report(folder, models)
     assert "75.0% of 4" in report.summary and "50.0% (1/2)" in report.summary
     assert report.per_class_headers[0] == "species" and len(report.per_class_headers) == 5
@@ -309,7 +363,7 @@ def test_models_tab_reads_the_stored_report(tmp_path, model_set):
 
 
 def test_examples_take_one_photo_per_class_folder(tmp_path):
-    from birdfg.app_state import find_examples
+    from birdfg.app.examples import find_examples
 
     for label, name in enumerate(("001.A", "002.B", "003.C")):
         (tmp_path / name).mkdir()

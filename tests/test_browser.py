@@ -9,6 +9,8 @@ import pytest
 
 from conftest import ARTIFACTS
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run"]
@@ -67,7 +69,11 @@ def test_upload_compare_and_ask_about_another_species(page, sample_photo):
     top = {k: page.inner_text(f"#label-{k} .output-class").strip() for k in KEYS}
     assert top["cnn"] in page.inner_text("#col-cnn .map-note")
     agree = page.inner_text("#agree")
-    assert ("agree" in agree.lower()) and all(name in agree for name in top.values())
+    assert all(name in agree for name in top.values()), agree
+    if len(set(top.values())) == 1:  # the sentence says what the three labels show
+        assert agree.startswith("✓ All three agree"), agree
+    else:
+        assert "disagree" in agree.lower() and not agree.startswith("✓"), agree
 
     # "Why not this one?": maps for another species, without running the models again.
     other = next(o for o in option_labels(page, "#species")[1:] if o != top["cnn"])
@@ -80,10 +86,12 @@ def test_upload_compare_and_ask_about_another_species(page, sample_photo):
     assert other in page.inner_text("#col-bcnn .map-note")
     assert page.inner_text("#label-cnn .output-class").strip() == top["cnn"]  # answers unchanged
 
-    # The ViT's attention of one layer instead of the rollout.
-    choose(page, "#col-vit .attention-layer", "Layer 1 only")
+    # The ViT's attention of one layer instead of the rollout (its menus come from its explanation methods).
+    assert "Layer 1 only" in option_labels(page, "#view-vit")
+    choose(page, "#view-vit", "Layer 1 only")
     page.wait_for_function("document.querySelector('#col-vit .map-note').innerText.includes('layer 1')")
-    assert page.locator("#pairs img").count() >= 1  # B-CNN channel pairs
+    assert page.locator("#parts-bcnn img").count() >= 1  # B-CNN channel pairs
+    assert page.locator("#col-cnn .map-view").count() == 0  # one method, no options: nothing to choose
     assert page.locator(".toast-body.error").count() == 0
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -93,7 +101,9 @@ def test_upload_compare_and_ask_about_another_species(page, sample_photo):
 def test_models_tab_and_switching_sets(page, app_checkpoints):
     page.get_by_role("tab", name="Models").click()
     report = page.inner_text("#report")
-    has_report = (Path(app_checkpoints) / "report" / "evaluation_val.json").is_file()
+    from birdfg.layout import report_path
+
+    has_report = report_path(app_checkpoints).is_file()
     assert ("Report:" in report) if has_report else ("No evaluation report" in report)
 
     page.get_by_role("tab", name="Compare").click()

@@ -80,7 +80,8 @@ def test_missing_truncated_and_foreign_files_are_named(tmp_path, full_cnn_file):
         checkpoints.load(pickle_file)
 
 
-def test_export_is_atomic_and_leaves_no_temp_files(tmp_path, full_cnn_file):
+def test_export_refuses_a_wrong_class_count_before_writing_anything(tmp_path, full_cnn_file):
+    # (That a crash mid-export leaves the old file: tests/test_interrupted_training.py kills one.)
     model, path = full_cnn_file
     target = tmp_path / "bcnn.safetensors"
     target.write_bytes(path.read_bytes())

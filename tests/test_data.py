@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -120,3 +121,42 @@ def test_bird_boxes_give_zoomed_training_views(tiny_dataset, tmp_path):
         assert max(ds[1][0]) <= 72
     finally:
         csv_path.unlink()
+
+
+PREPROCESS = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+def test_data_module_batches_photos_in_a_seeded_order(tiny_dataset):
+    from birdfg.datamodule import BirdDataModule
+
+    classes = data.class_names(tiny_dataset)
+    train, val = data.samples(tiny_dataset, "train", classes), data.samples(tiny_dataset, "val", classes)
+
+    def order(seed: int) -> list[int]:
+        dm = BirdDataModule(train, val, batch_size=4, preprocess=PREPROCESS, workers=0, seed=seed)
+        return [int(i) for _, _, idx in dm.train_dataloader() for i in idx]
+
+    assert sorted(order(0)) == list(range(len(train))), "every train photo once an epoch"
+    assert order(0) == order(0) and order(0) != order(1), "the shuffle depends on the seed alone"
+    dm = BirdDataModule(train, val, batch_size=4, preprocess=PREPROCESS, workers=0, seed=0)
+    assert not dm.on_features
+    x, y, idx = next(iter(dm.val_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and idx.tolist() == [0, 1, 2, 3], "val in file order"
+    assert y.tolist() == [s.label for s in val[:4]]
+
+
+def test_data_module_batches_cached_features():
+    import torch
+
+    from birdfg.datamodule import BirdDataModule, FeatureViews
+
+    train = FeatureViews(torch.randn(2, 10, 8, 2, 2).half(), torch.arange(10) % 3)
+    val = FeatureViews(torch.randn(1, 5, 8, 2, 2).half(), torch.arange(5) % 3)
+    dm = BirdDataModule(train, val, batch_size=4)
+    assert dm.on_features
+    batches = list(dm.train_dataloader())
+    assert [len(b[1]) for b in batches] == [4, 4], "the short last batch is dropped"
+    x, y, idx = next(iter(dm.val_dataloader()))
+    assert x.dtype == torch.float32 and x.shape == (5, 8, 2, 2) and idx.tolist() == list(range(5))
+    with pytest.raises(TypeError, match="both"):
+        BirdDataModule(train, [data.Sample(Path("a.jpg"), 0)], batch_size=4, preprocess=PREPROCESS)

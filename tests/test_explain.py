@@ -9,10 +9,11 @@ import torch
 from PIL import Image
 from timm.models.vision_transformer import Block
 
-from birdfg.compare import explanation
-from birdfg.explain import (AttentionRecorder, attention_rollout, class_token_attention, crop_box, normalise,
-                            overlay, peak_location)
+from birdfg.explanations import (AttentionRollout, BilinearSplit, ClassActivationMap, Evidence, LayerAttention,
+                                 attention_rollout, class_token_attention, explanations_of)
 from birdfg.heads import BilinearHead, LinearHead, TransformerHead
+from birdfg.inference.parts import AttentionRecorder
+from birdfg.overlay import crop_box, normalise, overlay, peak_location
 
 torch.manual_seed(0)
 
@@ -37,7 +38,7 @@ def test_cam_peaks_where_the_planted_feature_is():
     with torch.no_grad():
         head.fc.weight.zero_()
         head.fc.weight[1, 3] = 1.0  # class 1 looks for channel 3
-    heat = explanation(head, planted_fmap(at=(5, 2)), [], class_index=1)
+    heat = ClassActivationMap(_Model(head)).grid(Evidence(planted_fmap(at=(5, 2))), 1)
     assert heat.shape == (7, 7) and argmax2d(heat) == (5, 2)
 
 
@@ -67,7 +68,7 @@ def test_bilinear_map_peaks_where_the_planted_pair_is():
     with torch.no_grad():
         head.fc.weight.zero_()
         head.fc.weight[2].view(8, 8)[3, 3] = 1.0  # class 2 scores channel 3 with itself
-    heat = explanation(head, planted_fmap(at=(1, 6)), [], class_index=2)
+    heat = BilinearSplit(_Model(head)).grid(Evidence(planted_fmap(at=(1, 6))), 2)
     assert argmax2d(heat) == (1, 6)
 
 
@@ -129,6 +130,24 @@ def test_recorder_captures_softmaxed_attention_without_changing_the_output():
     assert recorder.take() == []  # take() empties it for the next call
 
 
+class _Model(torch.nn.Module):
+    """Just a head, as a model: what explanation methods are built for."""
+
+    def __init__(self, head: torch.nn.Module):
+        super().__init__()
+        self.head = head
+
+
+def test_each_head_offers_its_own_methods():
+    offered = {type(head).__name__: [type(m) for m in explanations_of(_Model(head))] for head in
+               (LinearHead(8, 3), BilinearHead(8, 3, dim=4), TransformerHead(8, 3, grid=4, dim=16, heads=4))}
+    assert offered == {"LinearHead": [ClassActivationMap], "BilinearHead": [BilinearSplit],
+                       "TransformerHead": [AttentionRollout, LayerAttention]}
+    layer = LayerAttention(_Model(TransformerHead(8, 3, grid=4, dim=16, depth=2, heads=4)))
+    assert [o.name for o in layer.options()] == ["layer", "head"]
+    assert [v for _, v in layer.options()[0].choices] == [0, 1] and layer.options()[1].choices[0][1] is None
+
+
 def test_transformer_head_explanations_are_grids_and_heads_differ():
     torch.manual_seed(2)
     head = TransformerHead(8, 3, grid=4, dim=16, depth=2, heads=4).eval()
@@ -137,14 +156,29 @@ def test_transformer_head_explanations_are_grids_and_heads_differ():
         head(torch.rand(1, 8, 4, 4))
     attentions = recorder.take()
     assert len(attentions) == 2
-    rollout = explanation(head, None, attentions, class_index=0)
+    evidence = Evidence(torch.rand(1, 8, 4, 4), attentions)
+    model = _Model(head)
+    rollout = AttentionRollout(model).grid(evidence, 0)
     assert rollout.shape == (4, 4) and 0 < rollout.sum() < 1  # the class token keeps the rest
-    mean = explanation(head, None, attentions, 0, layer=1)
-    per_head = [explanation(head, None, attentions, 0, layer=1, head=h) for h in range(4)]
+    layer = LayerAttention(model)
+    mean = layer.grid(evidence, 0, layer=1)
+    per_head = [layer.grid(evidence, 0, layer=1, head=h) for h in range(4)]
     np.testing.assert_allclose(mean, np.mean(per_head, axis=0), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(per_head[2].ravel(), class_token_attention(attentions[1])[0, 2].numpy())
     # Attention does not depend on the class asked about.
-    np.testing.assert_array_equal(rollout, explanation(head, None, attentions, class_index=2))
+    np.testing.assert_array_equal(rollout, AttentionRollout(model).grid(evidence, 2))
+    assert "layer 2" in layer.caption("X", True, layer=1) and "head 3" in layer.caption("X", True, layer=1, head=2)
+
+
+def test_cam_and_bilinear_methods_give_their_heads_class_maps():
+    fmap = planted_fmap()
+    for head, method in ((LinearHead(8, 3), ClassActivationMap), (BilinearHead(8, 3, dim=4), BilinearSplit)):
+        head.eval()
+        with torch.no_grad():
+            expected = head.class_maps(fmap, torch.tensor([2]))[0, 0].numpy()
+        np.testing.assert_array_equal(method(_Model(head)).grid(Evidence(fmap), 2), expected)
+    parts = BilinearSplit(_Model(BilinearHead(8, 3, dim=4).eval())).parts(Evidence(fmap), 1, k=3)
+    assert len(parts) == 3 and all(grid.shape == (7, 7) for _, grid in parts)
 
 
 # --- drawing ----------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ import app_server
 from conftest import SHARED_DATA
 from malformed import OK, generate
 
+pytestmark = pytest.mark.slow
+
 KEYS = {"cnn", "vit", "bcnn"}
 WAVE = 8  # calls in flight at once; the app's queue holds 16
 CALL_TIMEOUT_S = 300  # queueing included; only a stuck server gets near it
@@ -154,7 +156,7 @@ def test_an_upload_over_the_size_limit_is_turned_away(client, app_url, tmp_path,
     limit (413) without falling over."""
     import httpx
 
-    from birdfg.ui import MAX_FILE_SIZE
+    from birdfg.app.ui import MAX_FILE_SIZE
 
     limit = int(MAX_FILE_SIZE.lower().removesuffix("mb")) * 1024 * 1024
     big = tmp_path / "huge_upload.jpg"

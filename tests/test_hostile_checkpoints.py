@@ -87,22 +87,22 @@ def test_planted_pickles_never_run_and_the_set_still_loads(model_set, tmp_path):
     assert sets == {"lite": model_set}
 
     # The two good models of the spoiled folder still classify.
-    from birdfg.compare import Comparator
+    from birdfg.inference import Engine
 
-    result = Comparator(loaded).compare(synthetic_photo(1, 3, (200, 150)))
+    result = Engine(loaded).compare(synthetic_photo(1, 3, (200, 150)))
     assert set(result.to_json()["models"]) == {"vit", "bcnn"} and result.ensemble_probs is not None
     assert not marker.exists()
 
 
 def test_a_set_with_two_of_three_models(model_set):
-    from birdfg.compare import Comparator
+    from birdfg.inference import Engine
 
     (model_set / "bcnn.safetensors").unlink()
     loaded = checkpoints.load_set(model_set)
     assert set(loaded.models) == {"cnn", "vit"} and not loaded.complete
     assert "bcnn.safetensors" in loaded.errors["bcnn.safetensors"]
     assert "missing" in loaded.errors["bcnn.safetensors"] and "--models bcnn" in loaded.errors["bcnn.safetensors"]
-    payload = Comparator(loaded).compare(synthetic_photo(0, 5, (200, 150))).to_json()
+    payload = Engine(loaded).compare(synthetic_photo(0, 5, (200, 150))).to_json()
     assert set(payload["models"]) == {"cnn", "vit"} and len(payload["ensemble"]["top5"]) == len(TINY_CLASSES)
 
 

@@ -1,5 +1,5 @@
 """Hostile input: 170 malformed, awkward or malicious image files (tests/malformed.py) through the
-image opener, the Comparator and the predict/evaluate command lines. Every file gets a result or
+image opener, the engine and the predict/evaluate command lines. Every file gets a result or
 an ImageError that names it; nothing crashes, hangs or allocates without bound; valid photos in
 the same folder are still scored."""
 from __future__ import annotations
@@ -109,21 +109,21 @@ def test_open_rgb_memory_is_bounded_and_no_file_stays_open(probe):
     assert probe["fds_after"] <= probe["fds_before"]
 
 
-def test_comparator_answers_every_file(malformed, probe, untrained_lite_set):
-    """Every file through the Comparator the app uses: a full result (all models, explanations
+def test_the_engine_answers_every_file(malformed, probe, untrained_lite_set):
+    """Every file through the engine the app uses: a full result (all models, explanations
     drawable at the photo's odd size) or an ImageError, never anything else."""
     from birdfg.checkpoints import load_set
-    from birdfg.compare import Comparator
+    from birdfg.inference import Engine
     from birdfg.images import ImageError
 
     folder, cases = malformed
-    comparator = Comparator(load_set(untrained_lite_set))
+    engine = Engine(load_set(untrained_lite_set))
     answered, refused = 0, 0
     for case in cases:
         path = folder / case.name
         expected = probe["results"][case.name]["path"]["outcome"]
         try:
-            result = comparator.compare(path)
+            result = engine.compare(path)
         except ImageError as exc:
             assert expected == REFUSED, f"{case.name}: open_rgb accepted it, compare refused it: {exc}"
             assert case.name in str(exc)
@@ -136,7 +136,7 @@ def test_comparator_answers_every_file(malformed, probe, untrained_lite_set):
             assert "error" not in entry, f"{case.name}: {key} failed: {entry['error']}"
             assert len(entry["top5"]) == len(TINY_CLASSES)
             assert abs(sum(p for _, p in entry["top5"]) - 1) < 1e-3
-            assert result.overlay(key).size == result.photo.size
+            assert engine.overlay(result, key).size == result.photo.size
         assert np.isfinite(result.ensemble_probs).all()
         answered += 1
     print(f"\ncompare: {answered} answered, {refused} refused, {len(cases)} files")

@@ -1,7 +1,7 @@
 """Interrupted training: `train.py` killed with SIGKILL mid-run resumes with `--resume` (reusing
-the cached backbone features) and exports a loadable checkpoint; killed while exporting, it
-leaves the previous checkpoint intact; a dataset whose train and val class folders differ is
-refused before any training starts."""
+the cached backbone features and the epochs already trained) and exports a loadable checkpoint;
+last.ckpt is always the latest epoch; killed while exporting, it leaves the previous checkpoint
+intact; a dataset whose train and val class folders differ is refused before any training starts."""
 from __future__ import annotations
 
 import hashlib
@@ -22,7 +22,7 @@ EPOCHS = 4
 START_TIMEOUT_S = 240  # from launch to the first epoch's checkpoint; only a broken run gets near it
 RUN_TIMEOUT_S = 300
 
-pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")]
 
 
 def _launch(data: Path, out: Path, log: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
@@ -52,6 +52,16 @@ def _wait_for(proc: subprocess.Popen, ready, what: str, log: Path) -> None:
         time.sleep(0.05)
 
 
+def _complete_checkpoint(path: Path) -> bool:
+    """True once `path` is a whole checkpoint. Lightning writes it to a temporary file and renames
+    it, but that is a copy when the temporary folder is on another file system."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - missing, truncated, half-copied: not yet
+        return False
+    return True
+
+
 def _kill(proc: subprocess.Popen, log: Path) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -70,15 +80,14 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def resumed(data, tmp_path_factory) -> dict:
-    """Kill a run after its first epoch's checkpoint (so mid-way through the second epoch), look
-    at what is on disk, then `--resume` it to the end."""
+    """Kill a run as soon as its first epoch's checkpoint is complete on disk (epochs later than
+    that, and the export, are left to do), look at what is there, then `--resume` it to the end."""
     out = tmp_path_factory.mktemp("interrupt_out")
     run_dir, cache_dir = out / ".runs" / "lite" / "cnn", out / ".runs" / "lite" / "cache"
     killed_log, resumed_log = out / "killed.log", out / "resumed.log"
 
     proc = _launch(data, out, killed_log, "--epochs", str(EPOCHS))
-    _wait_for(proc, (run_dir / "last.ckpt").exists, "last.ckpt", killed_log)
-    time.sleep(0.3)  # into the next epoch
+    _wait_for(proc, lambda: _complete_checkpoint(run_dir / "last.ckpt"), "a complete last.ckpt", killed_log)
     _kill(proc, killed_log)
     state = {
         "killed_epoch": torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)["epoch"],
@@ -92,6 +101,8 @@ def resumed(data, tmp_path_factory) -> dict:
     proc.wait(timeout=RUN_TIMEOUT_S)
     state.update(out=out, resumed_rc=proc.returncode, resumed_log=resumed_log.read_bytes().decode("utf-8", "replace"),
                  resumed_seconds=time.monotonic() - start)
+    if (run_dir / "last.ckpt").exists():
+        state["final_ckpt"] = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)
     return state
 
 
@@ -117,14 +128,43 @@ def test_resume_finishes_the_run_and_exports_a_loadable_checkpoint(resumed):
     loaded = model_set.models["cnn"]
     assert loaded.meta["trained"]["epochs"] == EPOCHS
     assert loaded.classes == TINY_CLASSES
+    # The epochs before the kill count too: their accuracies came through the run checkpoint, and
+    # the exported best epoch is the best of all of them.
+    history = resumed["final_ckpt"]["birdfg_history"]
+    assert [row["epoch"] for row in history] == list(range(EPOCHS)), history
+    best = max(history, key=lambda row: row["val_acc"])
+    assert loaded.meta["metrics"]["best_epoch"] == best["epoch"]
+    assert loaded.meta["metrics"]["val_acc"] == best["val_acc"]
     print(f"\nresumed from epoch {resumed['killed_epoch']} and finished in {resumed['resumed_seconds']:.1f} s")
+
+
+def test_last_ckpt_is_the_latest_epoch_even_when_val_accuracy_falls(tmp_path):
+    """`--resume` continues from last.ckpt, so it must be the latest epoch's, not the best one's.
+    Val here is the train features with shifted labels: the better the model learns, the worse
+    val gets, so the best epoch comes first."""
+    from birdfg.models import build, preset_specs
+    from birdfg.training import FeatureViews, TrainConfig, fit
+
+    torch.manual_seed(0)
+    model = build(preset_specs("lite", 3, ("cnn",), img_size=64)["cnn"], pretrained=False)
+    features, labels = torch.randn(1, 24, 192, 2, 2), torch.arange(24) % 3
+    train, val = FeatureViews(features, labels), FeatureViews(features, (labels + 1) % 3)
+    epochs = 4
+    cfg = TrainConfig(preset="lite", epochs=epochs, batch_size=8, lr=3e-2, logger="none", workers=0,
+                      accelerator="cpu", seed=0)
+    result = fit(model, train, val, cfg, tmp_path / "run")
+    best = torch.load(tmp_path / "run" / "best.ckpt", map_location="cpu", weights_only=True)
+    last = torch.load(tmp_path / "run" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert best["epoch"] == result.best_epoch < epochs - 1, "test set-up: val accuracy must peak early"
+    assert last["epoch"] == epochs - 1
+    assert [row["epoch"] for row in last["birdfg_history"]] == list(range(epochs))
 
 
 def test_kill_during_export_keeps_the_previous_checkpoint(resumed, data):
     """A second run is killed between writing its new file and renaming it over the old one
     (BIRDFG_TEST_PAUSE_EXPORT holds it there): the old checkpoint loads, byte for byte the same."""
     from birdfg import checkpoints
-    from birdfg.compare import Comparator
+    from birdfg.inference import Engine
 
     out = resumed["out"]
     target = out / "lite" / "cnn.safetensors"
@@ -142,7 +182,7 @@ def test_kill_during_export_keeps_the_previous_checkpoint(resumed, data):
     assert not model_set.errors and model_set.models["cnn"].meta == meta
     assert checkpoints.find_sets(out) == {"lite": out / "lite"}
     # The stray temp file does not disturb the next user of the folder.
-    result = Comparator(model_set).compare(synthetic_photo(2, 9, (160, 120)))
+    result = Engine(model_set, runtime="torch").compare(synthetic_photo(2, 9, (160, 120)))
     assert result.results["cnn"].ok
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from birdfg import checkpoints
-from birdfg.compare import Comparator
+from birdfg.inference import Engine
 from birdfg.data import class_names, samples
 from conftest import SHIPPED_LITE
 
@@ -31,14 +31,14 @@ def test_shipped_set_is_small_and_self_describing(shipped):
 
 
 def test_shipped_models_classify_real_val_photos(shipped, bird_data):
-    comparator = Comparator(shipped)
+    engine = Engine(shipped)
     classes = class_names(bird_data)
-    assert classes == comparator.classes
+    assert classes == engine.classes
     items = samples(bird_data, "val", classes)
     picked = [items[i] for i in range(0, len(items), len(items) // N_PHOTOS)][:N_PHOTOS]
     wrong = {}
     for item in picked:
-        result = comparator.compare(item.path)
+        result = engine.compare(item.path)
         for key in shipped.models:
             if result.predicted(key) != item.label:
                 wrong.setdefault(key, []).append(item.path.name)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 from birdfg import checkpoints
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,8 +39,11 @@ def test_train_writes_loadable_checkpoints_and_table(trained_lite):
     model_set = checkpoints.load_set(out / "lite")
     assert model_set.complete, model_set.errors
     meta = model_set.models["vit"].meta
-    assert meta["trained"]["epochs"] == 3 and "train.py" in meta["trained"]["command"]
-    assert 0.0 <= meta["metrics"]["val_acc"] <= 1.0
+    assert set(meta["trained"]) == {"date", "epochs", "command", "seconds", "pretrained", "bird_box_views"}
+    assert meta["trained"]["epochs"] == 3 and meta["trained"]["command"].startswith("python train.py --data ")
+    assert meta["trained"]["pretrained"] is True and meta["trained"]["bird_box_views"] is False
+    assert set(meta["metrics"]) == {"train_acc", "val_acc", "split", "best_epoch"}
+    assert 0.0 <= meta["metrics"]["val_acc"] <= 1.0 and 0 <= meta["metrics"]["best_epoch"] < 3
     with torch.inference_mode():
         assert model_set.models["bcnn"].model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
 
@@ -57,6 +63,94 @@ def test_a_worse_run_does_not_replace_a_better_checkpoint(trained_lite, tiny_dat
     assert "use --force" in kept.stdout and checkpoints.read_metadata(path)["metrics"]["val_acc"] == 1.01
     forced = run(*args, "--force")
     assert forced.returncode == 0 and checkpoints.read_metadata(path)["metrics"]["val_acc"] <= 1.0
+
+
+def test_reported_accuracy_is_the_exact_share_of_the_whole_val_set(tmp_path):
+    """The val accuracy `fit` reports (and exports) is correct / total over every val item for the
+    kept weights, exactly as a Python float: 5/6, not float32's 0.83333331."""
+    from birdfg.models import build, preset_specs
+    from birdfg.training import FeatureViews, TrainConfig, fit
+
+    torch.manual_seed(0)
+    model = build(preset_specs("lite", 3, ("cnn",), img_size=64)["cnn"], pretrained=False)
+    features = torch.randn(1, 21, 192, 2, 2)
+    train = FeatureViews(features, torch.arange(21) % 3)
+    # Seven train photos again, two of them now labelled otherwise: the model cannot get them all.
+    val = FeatureViews(features[:, :7], torch.tensor([0, 1, 2, 0, 1, 0, 1]))
+    cfg = TrainConfig(preset="lite", epochs=2, batch_size=4, logger="none", workers=0, accelerator="cpu")
+    result = fit(model, train, val, cfg, tmp_path / "run")
+    with torch.inference_mode():
+        predicted = model.eval().tail()(val.features[0].float()).argmax(-1)
+    correct = int((predicted == val.labels).sum())
+    assert 0 < correct < 7, "test set-up: a share that float32 cannot hold exactly"
+    assert result.val_acc == correct / 7
+
+
+_DDP_PROBE = """
+import json, os, sys
+from pathlib import Path
+import torch
+from birdfg.models import build, preset_specs
+from birdfg.training import FeatureViews, TrainConfig, fit
+
+torch.manual_seed(0)
+model = build(preset_specs("lite", 3, ("cnn",), img_size=64)["cnn"], pretrained=False)
+features = torch.randn(1, 24, 192, 2, 2, generator=torch.Generator().manual_seed(1))
+train = FeatureViews(features, torch.arange(24) % 3)
+# Eight val items, no sampler padding. Rank 0 gets the even ones (labelled as in train), rank 1
+# the odd ones (labelled otherwise): each rank alone would report a very different accuracy.
+labels = torch.arange(8) % 3
+labels[1::2] = (labels[1::2] + 1) % 3
+val = FeatureViews(features[:, :8], labels)
+cfg = TrainConfig(preset="lite", epochs=4, batch_size=4, lr=3e-2, logger="none", workers=0, accelerator="cpu",
+                  devices=2, strategy="ddp")
+result = fit(model, train, val, cfg, Path(sys.argv[1]))
+with torch.inference_mode():
+    right = model.eval().tail()(val.features[0].float()).argmax(-1) == labels
+print("RESULT", json.dumps({"reported": result.val_acc, "whole": right.double().mean().item(),
+                            "even_half": right[0::2].double().mean().item()}), flush=True)
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_accuracy_counts_every_rank_under_ddp(tmp_path):
+    """Two CPU ranks (gloo), each validating half of the val set: both report the accuracy of the
+    whole set, not of their own half."""
+    script = tmp_path / "ddp_probe.py"
+    script.write_text(_DDP_PROBE)
+    # Lightning's DDP launcher starts rank 1 by running this same script again.
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "run")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads(line.split(" ", 1)[1]) for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(reports) == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert reports[0]["whole"] != reports[0]["even_half"], "test set-up: the halves must score differently"
+    assert [r["reported"] for r in reports] == [reports[0]["whole"]] * 2, reports
+
+
+def test_every_flag_reaches_the_config():
+    """train.py maps each flag onto TrainConfig: flags all set away from their defaults give a
+    config that differs from the default one in every field."""
+    import dataclasses
+    import importlib.util
+
+    from birdfg.train_config import TrainConfig
+
+    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
+    train_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_cli)
+    cfg = train_cli.to_config(train_cli.parse_args([
+        "--data", "d", "--preset", "lite", "--models", "vit", "--epochs", "3", "--batch-size", "5", "--lr", "0.1",
+        "--backbone-lr-scale", "0.5", "--weight-decay", "0.2", "--img-size", "96", "--seed", "7", "--output", "o",
+        "--split-file", "s.csv", "--views", "2", "--boxes", "b.csv", "--no-boxes", "--no-pretrained", "--resume",
+        "--force", "--accelerator", "cpu", "--devices", "2", "--num-nodes", "2", "--strategy", "ddp",
+        "--precision", "16-mixed", "--logger", "none", "--workers", "0", "--push-to-hub", "me/birds",
+    ]))
+    default = TrainConfig()
+    same = [f.name for f in dataclasses.fields(TrainConfig) if getattr(cfg, f.name) == getattr(default, f.name)]
+    assert not same, f"flags that do not reach TrainConfig: {same}"
+    assert cfg.devices == 2 and cfg.models == ("vit",) and cfg.data == Path("d")
+    assert cfg.for_model("vit").epochs == 3 and TrainConfig(preset="lite").for_model("bcnn").epochs == 35
 
 
 def test_full_preset_trains_on_images_end_to_end(tiny_dataset, tmp_path):

@@ -1,0 +1,15 @@
+"""The comparison app (Gradio): `birdfg.app.ui.serve` runs it; `python app.py` is its CLI.
+
+    sets.py          which model sets exist, each one's engine loaded once (a small LRU)
+    session.py       the last comparison of each visitor
+    view.py          how a visitor wants the maps drawn, the map menus, drawing through the engine
+    presentation.py  what the widgets say (headers, labels, agreement, status)
+    report.py        the Models tab (the stored evaluation report)
+    batch.py         batch mode: table and CSV
+    files.py         files handed to Gradio and their lifetime
+    examples.py      the example photos
+    worker.py        the one thread that runs model work
+    page.py          the components and their layout
+    handlers.py      what each event does (dicts keyed by component)
+    ui.py            wiring and the server
+"""

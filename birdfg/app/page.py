@@ -1,0 +1,204 @@
+"""The page: every component, laid out, with its first values (the default set's). No events:
+birdfg/app/ui.py wires these components to the handlers."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from birdfg.app.batch import MAX_BATCH
+from birdfg.app.presentation import PREDICTED, blurb, column_header, set_status, species_choices
+from birdfg.app.report import NO_SET, Report
+from birdfg.app.sets import ModelSets
+from birdfg.app.view import DEFAULT_OPACITY, Menu, View, choice_of, has_parts, map_menus
+from birdfg.inference import Engine
+from birdfg.models import MODEL_KEYS
+
+TITLE = "birdfg — three bird classifiers, side by side"
+INTRO = """# birdfg: which bird is it, and why does each model think so?
+Drop a bird photo (or paste one, or use the webcam). A **CNN**, a **vision transformer** and a
+**bilinear CNN** each name the species and show where on the photo they looked."""
+HOWTO = """**How to read the maps.** Warm colours mark the places that pushed the model towards the
+species named above the map; the dimmed border is the part of the photo the model never saw
+(centre crop). Pick another species below to ask *"why not this one?"* — the maps change, the
+models do not run again."""
+PARTS_LABEL = "What adds most to the species (the map's largest terms)"
+CSS = """
+.bird-col { border-radius: 14px !important; }
+.bird-col .prose h3 { margin-bottom: 0.1em; }
+#agree { font-size: 1.05em; padding: 0.8em 1em; border-radius: 12px;
+         background: var(--block-background-fill); border: 1px solid var(--border-color-primary); }
+.map-note { min-height: 2.6em; font-size: 0.92em; }
+#intro h1 { margin-bottom: 0.2em; }
+"""
+
+
+@dataclass
+class ModelColumn:
+    """One model's column. `menus` choose its map (view menu first; see birdfg/app/view.py);
+    `parts` shows its map's largest terms when its default method has any."""
+
+    key: str
+    header: gr.Markdown
+    blurb: gr.Markdown
+    overlay: gr.Image
+    note: gr.Markdown
+    label: gr.Label
+    menus: list[gr.Dropdown] = field(default_factory=list)
+    parts: gr.Gallery | None = None
+
+
+@dataclass
+class Page:
+    set_state: gr.State
+    view_state: gr.State
+    set_selector: gr.Dropdown
+    status: gr.Markdown
+    photo: gr.Image
+    compare_button: gr.Button
+    species: gr.Dropdown
+    opacity: gr.Slider
+    examples: gr.Examples | None
+    columns: dict[str, ModelColumn]
+    ensemble: gr.Label
+    agree: gr.Markdown
+    answer: gr.JSON
+    batch_files: gr.File
+    batch_button: gr.Button
+    batch_csv: gr.File
+    batch_table: gr.Dataframe
+    report: gr.Markdown
+    per_class: gr.Dataframe
+    confusion: gr.Gallery
+
+    @property
+    def overlays(self) -> list[gr.Image]:
+        return [c.overlay for c in self.columns.values()]
+
+    @property
+    def parts(self) -> list[gr.Gallery]:
+        return [c.parts for c in self.columns.values() if c.parts is not None]
+
+    @property
+    def menus(self) -> list[gr.Dropdown]:
+        return [menu for c in self.columns.values() for menu in c.menus]
+
+    @property
+    def view_controls(self) -> list[gr.components.Component]:
+        """Everything that changes how the maps are drawn."""
+        return [self.species, self.opacity, *self.menus]
+
+    def view_from(self, values: dict[Any, Any]) -> View:
+        """The view that the controls' values (component -> value) ask for."""
+        return View(values.get(self.species) or PREDICTED, float(values.get(self.opacity, DEFAULT_OPACITY)),
+                    {key: choice_of([values.get(m) for m in c.menus]) for key, c in self.columns.items() if c.menus})
+
+
+def menu_update(menu: Menu | None) -> dict[str, Any]:
+    """A menu component showing `menu` at its default (hidden when the set has no such menu)."""
+    if menu is None:
+        return gr.update(visible=False)
+    return gr.update(choices=menu.choices, value=menu.default, label=menu.label, visible=True)
+
+
+def per_class_table(report: Report | None) -> pd.DataFrame | None:
+    if not report or not report.per_class_rows:
+        return None
+    return pd.DataFrame(report.per_class_rows, columns=report.per_class_headers)
+
+
+def build_page(sets: ModelSets, engine: Engine | None, problem: str | None, report: Report | None,
+               examples: list[Path]) -> Page:
+    """The page's components, inside an open gr.Blocks, showing the default set (`engine`; None
+    when it could not load, `problem` says why)."""
+    set_state = gr.State(sets.default)
+    view_state = gr.State(View())
+    with gr.Row(equal_height=True):
+        with gr.Column(scale=4):
+            gr.Markdown(INTRO, elem_id="intro")
+        with gr.Column(scale=2, min_width=240):
+            set_selector = gr.Dropdown(sets.choices, value=sets.default, label="Model set",
+                                       visible=len(sets.choices) > 1, interactive=True, elem_id="set-selector")
+    status = gr.Markdown(set_status(sets, sets.default, engine, problem), elem_id="status")
+
+    with gr.Tab("Compare"):
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2, min_width=300):
+                photo = gr.Image(type="filepath", sources=["upload", "clipboard", "webcam"],
+                                 label="Your bird photo", height=330, elem_id="photo")
+                compare_button = gr.Button("Compare again", variant="primary")
+            with gr.Column(scale=3, min_width=300):
+                gr.Markdown(HOWTO)
+                species = gr.Dropdown(species_choices(engine.classes) if engine else [], value=PREDICTED,
+                                      label="Show the maps for", interactive=True, elem_id="species",
+                                      info="Each model's own top guess, or any species you choose.")
+                opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Map opacity")
+                example_set = None
+                if examples:
+                    example_set = gr.Examples([[str(p)] for p in examples], inputs=[photo],
+                                              label="Example photos (click one)", examples_per_page=12)
+        with gr.Row(equal_height=False):
+            columns = {key: _model_column(key, engine) for key in MODEL_KEYS}
+        with gr.Row(equal_height=True):
+            ensemble = gr.Label(num_top_classes=5, label="Ensemble (mean of the three softmaxes)", scale=2,
+                                elem_id="label-ensemble")
+            agree = gr.Markdown(elem_id="agree")
+        with gr.Accordion("API answer (JSON, as `/compare` returns it)", open=False):
+            answer = gr.JSON(label="/compare", elem_id="answer")
+
+    with gr.Tab("Batch"):
+        gr.Markdown(f"Classify several photos at once (up to {MAX_BATCH}); the table is also a CSV download.")
+        with gr.Row():
+            batch_files = gr.File(file_count="multiple", file_types=["image"], label="Photos", scale=2)
+            with gr.Column(scale=1):
+                batch_button = gr.Button("Classify all", variant="primary")
+                batch_csv = gr.File(label="Download CSV", interactive=False)
+        batch_table = gr.Dataframe(label="Results", interactive=False, wrap=True,
+                                   column_widths=["20%", "15%", "15%", "15%", "15%", "20%"])
+
+    with gr.Tab("Models"):
+        report_md = gr.Markdown(report.summary if report else NO_SET, elem_id="report")
+        per_class = gr.Dataframe(per_class_table(report), label="Per-class accuracy (val)", interactive=False,
+                                 visible=bool(report and report.per_class_rows))
+        confusion = gr.Gallery(report.confusion if report else [], label="Confusion matrices (val)", columns=3,
+                               height=420, object_fit="contain", visible=bool(report and report.confusion))
+
+    return Page(set_state, view_state, set_selector, status, photo, compare_button, species, opacity, example_set,
+                columns, ensemble, agree, answer, batch_files, batch_button, batch_csv, batch_table, report_md,
+                per_class, confusion)
+
+
+def _model_column(key: str, engine: Engine | None) -> ModelColumn:
+    """A model's column, offering what its explanation methods offer (in the default set)."""
+    methods = engine.methods.get(key, []) if engine else []
+    with gr.Column(variant="panel", elem_classes=["bird-col"], min_width=260, elem_id=f"col-{key}"):
+        header = gr.Markdown(column_header(engine, key))
+        text = gr.Markdown(blurb(engine, key), elem_classes=["blurb"])
+        overlay = gr.Image(label=f"{key} explanation", show_label=False, type="filepath", interactive=False,
+                           height=300, elem_id=f"overlay-{key}", buttons=["download", "fullscreen"])
+        note = gr.Markdown(elem_classes=["map-note"])
+        label = gr.Label(num_top_classes=5, label="Top 5", elem_id=f"label-{key}")
+        menus = []
+        if menu_specs := map_menus(methods):
+            with gr.Row():
+                view_menu, *extras = menu_specs
+                menus.append(gr.Dropdown(view_menu.choices, value=view_menu.default, label=view_menu.label,
+                                         interactive=True, min_width=120, elem_id=f"view-{key}",
+                                         elem_classes=["map-view"]))
+                menus += [gr.Dropdown(m.choices, value=m.default, label=m.label, interactive=True, min_width=100,
+                                      elem_classes=["map-option"]) for m in extras]
+        parts = None
+        if methods and has_parts(methods[0]):
+            parts = gr.Gallery(label=PARTS_LABEL, columns=2, height="auto", object_fit="contain",
+                               elem_id=f"parts-{key}", elem_classes=["map-parts"])
+    return ModelColumn(key, header, text, overlay, note, label, menus, parts)
+
+
+def theme() -> gr.themes.Base:
+    # System fonts: a Space or an offline laptop must not wait for Google Fonts.
+    return gr.themes.Soft(primary_hue="teal", secondary_hue="amber", neutral_hue="slate",
+                          font=["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "sans-serif"],
+                          font_mono=["ui-monospace", "monospace"])

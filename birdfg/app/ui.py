@@ -1,0 +1,120 @@
+"""The app: the page (page.py) wired to the handlers (handlers.py), and the server.
+
+Events
+- `/compare` (API): one image (filepath) -> the JSON answer
+  `{"models": {key: {"name", "top5", "latency_ms"[, "error"]}}, "ensemble": {"top5"}, "agree"}`,
+  then one overlay per model in `MODEL_KEYS` order (None for a model that failed).
+  Bad input never raises: the JSON is `{"error": "<what is wrong and what to do>"}`, the overlays
+  are None, and the browser shows the same message as a warning toast.
+- Species, opacity and each model's map menus re-render the maps from the session's last
+  comparison (kept server-side, see session.py); no model runs again.
+- `/batch` (API): photos -> a table and its CSV. The model-set selector and the Models tab
+  (the stored evaluation report) are private.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import gradio as gr
+
+from birdfg.app.examples import find_examples
+from birdfg.app.files import OutputFiles
+from birdfg.app.handlers import Handlers
+from birdfg.app.page import CSS, TITLE, Page, build_page, theme
+from birdfg.app.report import read_report
+from birdfg.app.session import ResultCache
+from birdfg.app.sets import ModelSets, SetError
+from birdfg.app.worker import TORCH_THREAD
+
+log = logging.getLogger("birdfg.app")
+
+QUEUE_SIZE = 16  # waiting requests beyond this are told the app is busy
+MAX_FILE_SIZE = "20mb"
+MODELS = "models"  # the concurrency group of events that run a model pass: one at a time
+
+
+def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCache | None = None,
+          output_files: OutputFiles | None = None) -> gr.Blocks:
+    """The app's Blocks for the sets on offer (the default set is loaded here, once). Maps and CSVs
+    are written to `output_files` and, like uploads, leave Gradio's cache after its `keep_s` seconds."""
+    cache = cache or ResultCache()
+    output_files = output_files or OutputFiles()
+    sets.on_evict.append(cache.drop_set)
+    engine, problem = None, None
+    try:
+        engine = sets.get(sets.default)
+    except SetError as exc:
+        problem = str(exc)
+        log.error(problem)
+    report = read_report(sets.sources[sets.default].folder, engine.models) if engine else None
+    # Uploaded photos and drawn maps pile up in Gradio's cache: drop the old ones regularly.
+    keep_s = max(int(output_files.keep_s), 1)
+    with gr.Blocks(title=TITLE, delete_cache=(min(keep_s, 600), keep_s)) as demo:
+        page = build_page(sets, engine, problem, report, examples or [])
+        wire(demo, page, Handlers(sets, cache, output_files, page, problem))
+    return demo
+
+
+def wire(demo: gr.Blocks, page: Page, handlers: Handlers) -> None:
+    """Connect the page's events to the handlers."""
+    columns = page.columns.values()
+    compare = dict(fn=handlers.compare, inputs=[page.photo, page.set_state, page.view_state],
+                   outputs=[page.answer, *page.overlays, page.view_state],  # gr.State is not part of the API
+                   preprocess=False,  # the handler opens the file itself: bad uploads get a clear message
+                   concurrency_id=MODELS, concurrency_limit=1)
+    details = dict(fn=handlers.details, inputs=[page.set_state, page.view_state],
+                   outputs=[*(c.header for c in columns), *(c.label for c in columns), *(c.note for c in columns),
+                            *page.parts, page.ensemble, page.agree, page.species],
+                   api_visibility="private", show_progress="hidden")
+    gr.on([page.photo.upload, page.compare_button.click], api_name="compare", **compare).then(**details)
+    if page.examples is not None:
+        page.examples.load_input_event.then(api_visibility="private", **compare).then(**details)
+
+    gr.on([page.species.input, page.opacity.release, *(menu.input for menu in page.menus)], handlers.rerender,
+          inputs={*page.view_controls, page.set_state},  # a set: the handler gets {component: value}
+          outputs=[*page.overlays, *(c.note for c in columns), *page.parts, page.view_state],
+          api_visibility="private", show_progress="minimal")
+
+    set_outputs = [page.set_selector, page.set_state, page.view_state, page.status, page.species, *page.menus,
+                   *(c.header for c in columns), *(c.blurb for c in columns), *(c.label for c in columns),
+                   *page.overlays, *(c.note for c in columns), *page.parts, page.ensemble, page.agree,
+                   page.answer, page.report, page.per_class, page.confusion]
+    page.set_selector.input(handlers.select_set, [page.set_selector, page.set_state, page.view_state], set_outputs,
+                            api_visibility="private", concurrency_id=MODELS, concurrency_limit=1)
+    page.batch_button.click(handlers.batch, [page.batch_files, page.set_state], [page.batch_table, page.batch_csv],
+                            api_name="batch", concurrency_id=MODELS, concurrency_limit=1)
+    demo.unload(handlers.forget)
+
+
+def serve(checkpoints: Path | None = None, hub_repo: str | None = None, examples_dir: Path | None = None,
+          port: int | None = None, max_loaded: int = 2, keep_files_s: float = 3600) -> None:
+    """Discover sets, load the default one, and serve until interrupted. Binds 127.0.0.1 unless
+    GRADIO_SERVER_NAME says otherwise (a Space sets 0.0.0.0); port: `port`, GRADIO_SERVER_PORT, 7860.
+    Uploads and drawn maps are deleted `keep_files_s` seconds after they were written."""
+    sets = ModelSets.discover(checkpoints, hub_repo, max_loaded=max_loaded)
+    examples = find_examples(examples_dir)
+    demo = build(sets, examples, output_files=OutputFiles(keep_s=keep_files_s, prune_every_s=min(keep_files_s, 60)))
+    # Two CPU cores: one model pass at a time (concurrency group MODELS), two cheap re-renders.
+    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=2)
+    launch = functools.partial(
+        demo.launch,
+        server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        server_port=port or int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+        max_file_size=MAX_FILE_SIZE,
+        theme=theme(),
+        css=CSS,
+        footer_links=["api"],
+        ssr_mode=False,
+        show_error=False,
+        prevent_thread_lock=True,
+    )
+    try:
+        # This thread runs the requests' model work from here on (see worker.TorchThread).
+        TORCH_THREAD.serve_forever(start=launch)
+    except KeyboardInterrupt:
+        log.info("interrupted: closing the server")
+    finally:
+        demo.close()

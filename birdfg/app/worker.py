@@ -1,0 +1,104 @@
+"""The one thread that runs the app's model work (see TorchThread).
+
+App handlers that run models are decorated with `on_torch_thread`: each hands its whole event's
+work over at once. The inference engine itself is not decorated; scripts and tests call it on
+whatever thread they are.
+"""
+from __future__ import annotations
+
+import contextvars
+import functools
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TypeVar
+
+Result = TypeVar("Result")
+
+_STOP = object()
+
+
+class TorchThread:
+    """Runs torch work on one thread of the process: the main one.
+
+    libgomp (PyTorch's OpenMP) keeps a team of worker threads for every thread that has run a
+    parallel torch op, and once it manages more threads than there are CPUs it stops spin-waiting
+    between parallel regions. A server that runs its models on its pool of request threads gets a
+    team per request thread: on this 2-core machine a lite comparison took 35 ms before requests
+    from a pool of threads and 49.5 ms after (the Lite0 trunk 15.7 -> 21.4 ms per photo pair).
+    So the app's request threads hand model work to the main thread, which does nothing else once
+    the server is up (`serve_forever`). (PerCore's helpers run torch too, but single-threaded: a
+    thread that never runs a parallel region has no team.) Until then (scripts, tests) a call
+    runs where it is made.
+    Each hand-over costs a thread switch, a few ms on a busy machine: hand over a whole event's
+    work at once (the app's handlers are decorated), not each small step.
+    """
+
+    def __init__(self):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._serving = threading.Event()
+        self._handing_in = threading.Lock()  # no job is queued after the loop has stopped
+
+    @property
+    def serving(self) -> bool:
+        return self._serving.is_set()
+
+    def call(self, fn: Callable[..., Result], /, *args, **kwargs) -> Result:
+        with self._handing_in:
+            if not self.serving or threading.current_thread() is threading.main_thread():
+                job = None
+            else:  # with the caller's context variables (Gradio finds its request in them)
+                job = Future()
+                self._jobs.put((job, functools.partial(contextvars.copy_context().run, fn), args, kwargs))
+        return fn(*args, **kwargs) if job is None else job.result()
+
+    def serve_forever(self, start: Callable[[], object] = lambda: None, poll_s: float = 0.5) -> None:
+        """Call `start` (e.g. start the server), then run the jobs other threads hand in, until
+        `stop()` or KeyboardInterrupt (re-raised). Calls made once `start` begins are queued."""
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("TorchThread.serve_forever must run on the main thread.")
+        self._serving.set()
+        try:
+            start()
+            while True:
+                try:
+                    job = self._jobs.get(timeout=poll_s)  # a timeout, so that Ctrl-C gets through
+                except queue.Empty:
+                    continue
+                if job is _STOP:
+                    return
+                self._run(*job)
+        finally:
+            with self._handing_in:
+                self._serving.clear()
+            while not self._jobs.empty():  # handed in while stopping: run, so no caller hangs
+                job = self._jobs.get()
+                if job is not _STOP:
+                    self._run(*job)
+
+    def stop(self) -> None:
+        """Make `serve_forever` return once the jobs handed in before are done (from any thread)."""
+        self._jobs.put(_STOP)
+
+    @staticmethod
+    def _run(job: Future, fn: Callable, args: tuple, kwargs: dict) -> None:
+        if not job.set_running_or_notify_cancel():
+            return
+        try:
+            job.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # the caller re-raises it
+            job.set_exception(exc)
+            if isinstance(exc, KeyboardInterrupt):  # Ctrl-C during a job still stops the server
+                raise
+
+
+TORCH_THREAD = TorchThread()
+
+
+def on_torch_thread(fn: Callable[..., Result]) -> Callable[..., Result]:
+    """Decorator: the function always runs on TORCH_THREAD's thread (see TorchThread)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return TORCH_THREAD.call(fn, *args, **kwargs)
+    return wrapper

@@ -1,0 +1,236 @@
+"""Where a part runs: ONNX Runtime (the default on a CPU) or torch eager (the fallback, and the
+reference the ONNX graphs are checked against).
+
+An exported graph is cached under the set folder's `.onnx/` (or the user's cache when that is
+not writable), named by a key over the part's source (a checkpoint's sha256, or the trunk's
+weights), its input shape and the exporter's versions; a cached file whose embedded key differs
+is refused and rebuilt. ONNX files are protobuf, never pickles.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from birdfg.inference.parts import GroupPart, Outputs
+from birdfg.inference.threads import usable_cpus
+
+log = logging.getLogger("birdfg.inference")
+
+GRAPH_FORMAT = "birdfg-graph/1"  # bump when the parts' outputs change: old cache files go stale
+OPSET = 17
+USER_CACHE = Path(os.environ.get("BIRDFG_CACHE", Path.home() / ".cache" / "birdfg")) / "onnx"
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_tensors(module: nn.Module) -> str:
+    """A digest of a module's weights and buffers (names, dtypes, shapes and values)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def graph_key(name: str, source: str, example: torch.Tensor) -> str:
+    fields = {"format": GRAPH_FORMAT, "part": name, "source": source, "input": list(example.shape[1:]),
+              "torch": torch.__version__, "opset": OPSET}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+class TorchRunner:
+    """A group in torch eager, under inference_mode, each model on its own: a model that fails
+    gives its exception and the others still answer."""
+
+    runtime = "torch"
+
+    def __init__(self, group: GroupPart):
+        self.group = group
+
+    def __call__(self, x: torch.Tensor, evidence: bool) -> dict[str, Outputs | Exception]:
+        self.group.keep_attention(evidence)  # fused attention when no map is wanted
+        with torch.inference_mode():
+            try:
+                shared = self.group.trunk.forward_features(x) if self.group.trunk is not None else x
+            except Exception as exc:  # noqa: BLE001 - reported for every model of the group
+                return {key: exc for key in self.group.parts}
+            done: dict[str, Outputs | Exception] = {}
+            for key, part in self.group.parts.items():
+                try:
+                    done[key] = part(shared)
+                except Exception as exc:  # noqa: BLE001 - one failing model must not take the others down
+                    done[key] = exc
+                    continue
+                if self.group.trunk is not None:
+                    done[key]["shared"] = shared
+        return done
+
+
+class OnnxRunner:
+    """A group as one ONNX Runtime session (CPU execution provider)."""
+
+    runtime = "onnx"
+
+    def __init__(self, session, output_names: tuple[str, ...]):
+        self.session = session
+        self.output_names = list(output_names)
+        self.without_attention = [n for n in self.output_names if ".attention." not in n]
+
+    def __call__(self, x: torch.Tensor, evidence: bool) -> dict[str, Outputs | Exception]:
+        names = self.output_names if evidence else self.without_attention
+        outputs = dict(zip(names, self.session.run(names, {"x": np.ascontiguousarray(x.numpy())})))
+        done: dict[str, Outputs] = {}
+        for name, value in outputs.items():
+            key, _, output = name.partition(".")
+            if name != "shared":
+                done.setdefault(key, {})[output] = torch.from_numpy(value)
+        if "shared" in outputs:
+            for out in done.values():
+                out["shared"] = torch.from_numpy(outputs["shared"])
+        return done
+
+
+class _Flat(nn.Module):
+    """A group's outputs as the tuple the ONNX exporter takes, in `names` order."""
+
+    def __init__(self, group: GroupPart, names: tuple[str, ...]):
+        super().__init__()
+        self.group, self.names = group, names
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.group(x)
+        return tuple(out[n] for n in self.names)
+
+
+def onnx_available() -> bool:
+    try:
+        import onnx  # noqa: F401  (the exporter writes through it)
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def session_options(threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or usable_cpus()
+    options.inter_op_num_threads = 1
+    # ENABLE_ALL adds the layout transforms (NCHWc convolutions) that make ORT pay on this CPU.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle pool threads would spin after each run and take a core from the overlay drawing that
+    # follows on the calling thread (benchmarks/README.md: spinning off was faster).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def onnx_runner(part: GroupPart, name: str, source: str, example: torch.Tensor,
+                folder: Path | None) -> OnnxRunner:
+    """The part's cached graph as a session, exported first when there is no valid one."""
+    import onnxruntime as ort
+
+    key = graph_key(name, source, example)
+    names = _names(part, example)
+    for cache in _cache_dirs(folder):
+        path = cache / f"{name}-{key[:16]}.onnx"
+        if path.is_file():
+            session = _open(path, key)
+            if session is not None:
+                return OnnxRunner(session, names)
+        try:
+            _export(part, example, names, key, path)
+        except OSError as exc:  # a read-only set folder (e.g. the Hub cache): try the next place
+            log.info("cannot write %s (%s)", path, exc)
+            continue
+        return OnnxRunner(ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"]),
+                          names)
+    with tempfile.TemporaryDirectory() as tmp:  # nowhere to keep it: build it for this process only
+        path = Path(tmp) / "part.onnx"
+        _export(part, example, names, key, path)
+        return OnnxRunner(ort.InferenceSession(path.read_bytes(), session_options(),
+                                               providers=["CPUExecutionProvider"]), names)
+
+
+def _cache_dirs(folder: Path | None) -> list[Path]:
+    from birdfg.layout import graph_cache_dir
+
+    return ([graph_cache_dir(folder)] if folder is not None else []) + [USER_CACHE]
+
+
+def _names(group: GroupPart, example: torch.Tensor) -> tuple[str, ...]:
+    """The group's output names, from one forward of `example` (attention always recorded: the
+    graph holds it; a run that needs no map does not fetch it)."""
+    group.keep_attention(True)
+    with torch.inference_mode():
+        return tuple(group(example))
+
+
+def _open(path: Path, key: str):
+    """A session of a cached graph, or None when the file is not the graph for `key`."""
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - a damaged cache file is rebuilt, never trusted
+        log.warning("%s is not a readable graph (%s); rebuilding it", path, exc)
+        return None
+    if session.get_modelmeta().custom_metadata_map.get("birdfg_key") != key:
+        log.warning("%s was built for other weights or versions; rebuilding it", path)
+        return None
+    return session
+
+
+def _export(part: GroupPart, example: torch.Tensor, names: tuple[str, ...], key: str, path: Path) -> None:
+    """Export `part` with a dynamic batch axis to `path` atomically, the key embedded."""
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer warnings about Python-side constants
+            torch.onnx.export(_Flat(part, names).eval(), (example,), tmp, dynamo=False, input_names=["x"], output_names=list(names),
+                              dynamic_axes={n: {0: "batch"} for n in ("x", *names)}, opset_version=OPSET)
+        graph = onnx.load(tmp)
+        graph.metadata_props.add(key="birdfg_key", value=key)
+        onnx.save(graph, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def runner(part: GroupPart, name: str, source: Callable[[], str], example: torch.Tensor,
+           folder: Path | None, runtime: str) -> TorchRunner | OnnxRunner:
+    """The group on `runtime` ("onnx", "torch" or "auto": ONNX Runtime when installed). A group
+    that cannot be exported runs in torch, with a warning."""
+    if runtime not in ("auto", "onnx", "torch"):
+        raise ValueError(f"Unknown runtime {runtime!r}; choose auto, onnx or torch.")
+    if runtime == "torch" or (runtime == "auto" and not onnx_available()):
+        return TorchRunner(part)
+    try:
+        return onnx_runner(part, name, source(), example, folder)
+    except Exception as exc:  # noqa: BLE001 - an unexportable part still answers, in torch
+        if runtime == "onnx":
+            raise
+        log.warning("%s runs in torch: its ONNX export failed (%s: %s)", name, type(exc).__name__, exc)
+        return TorchRunner(part)
