@@ -11,7 +11,8 @@ drawn on the photo, in-process) and photos/s of batches of 16, for this tree and
 checked out at --against (`git worktree add /tmp/before <rev>`); ratio = this tree / that one.
 `mechanisms`: the same two figures for the engine with each mechanism switched off in turn:
 ONNX Runtime (off: torch eager), its full graph optimisation (off: basic), its idle threads
-not spinning (off: spinning), one photo per runtime call in a batch (off: the whole batch).
+spinning (ONNX Runtime's default; off: sleeping), the whole batch in one runtime call (off: one
+photo per call).
 """
 from __future__ import annotations
 
@@ -54,11 +55,13 @@ class Timer:
             times.append((time.perf_counter() - start) * 1000)
         return times
 
-    def batch_ips(self, n: int) -> list[float]:
+    def batch_ips(self, n: int, per_photo: bool = False) -> list[float]:
+        """Photos/s of a batch in one call (or, with `per_photo`, one call per photo)."""
         rates = []
         for _ in range(n):
             start = time.perf_counter()
-            self.engine.batch_top1(self.photos)
+            for chunk in ([[p] for p in self.photos] if per_photo else [self.photos]):
+                self.engine.batch_top1(chunk)
             rates.append(BATCH / (time.perf_counter() - start))
         return rates
 
@@ -137,42 +140,41 @@ def mechanisms(args: argparse.Namespace) -> dict:
 
     shipped = runtime.session_options
 
-    def options(level=None, spinning=False):
+    def options(level=None, spinning=True):
         def make(threads=None):
             made = shipped(threads)
             if level is not None:
                 made.graph_optimization_level = level
-            if spinning:
-                made.add_session_config_entry("session.intra_op.allow_spinning", "1")
+            if not spinning:
+                made.add_session_config_entry("session.intra_op.allow_spinning", "0")
             return made
         return make
 
-    # (name, session options, runtime, chunk)
-    variants = [("engine as shipped", shipped, "auto", engine_module.CHUNK),
-                ("without ONNX Runtime (torch eager)", shipped, "torch", engine_module.CHUNK),
+    # (name, session options, runtime, one call per photo in a batch)
+    variants = [("engine as shipped", shipped, "auto", False),
+                ("without ONNX Runtime (torch eager)", shipped, "torch", False),
                 ("without full graph optimisation (basic)", options(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC), "auto",
-                 engine_module.CHUNK),
-                ("without idle threads sleeping (spinning)", options(spinning=True), "auto", engine_module.CHUNK),
-                ("without one photo per call (whole batch)", shipped, "auto", BATCH)]
+                 False),
+                ("without idle threads spinning (sleeping)", options(spinning=False), "auto", False),
+                ("without the whole batch in one call (one call per photo)", shipped, "auto", True)]
     timers = {}
-    for name, make, rt, chunk in variants:
+    for name, make, rt, per_photo in variants:
         runtime.session_options = make
         engine = AnyEngine.__new__(AnyEngine)  # the same interface, with this variant's engine
         from birdfg.checkpoints import load_set
 
         engine.engine, engine.new = engine_module.Engine(load_set(args.checkpoints), runtime=rt), True
         engine.keys = list(engine.engine.models)
-        timers[name] = (Timer(engine, _photo_paths(args.data, args.photos)), chunk)
+        timers[name] = (Timer(engine, _photo_paths(args.data, args.photos)), per_photo)
     runtime.session_options = shipped
     compare = {name: [] for name in timers}
     batch = {name: [] for name in timers}
     for round_ in range(args.rounds):
         names = list(timers) if round_ % 2 == 0 else list(reversed(timers))
         for name in names:
-            timer, chunk = timers[name]
-            engine_module.CHUNK = chunk
+            timer, per_photo = timers[name]
             compare[name] += timer.compare_ms(args.photos)
-            batch[name] += timer.batch_ips(1)
+            batch[name] += timer.batch_ips(1, per_photo)
         print(f"round {round_ + 1}/{args.rounds}", flush=True)
     c, b = _summary(compare), _summary(batch)
     base = variants[0][0]

@@ -31,7 +31,6 @@ from birdfg.overlay import crop_box, overlay
 log = logging.getLogger("birdfg.inference")
 
 DISPLAY_SIDE = 512  # maps are drawn on a copy of the photo this large (longer side)
-CHUNK = 1  # photos per runtime call in a batch (benchmarks/README.md: bigger chunks were not faster)
 
 
 @dataclass
@@ -117,24 +116,20 @@ class Engine:
         return [Comparison(self.classes, {key: per_model[key][i] for key in self.models}) for i in range(len(photos))]
 
     def _run_group(self, group: Group, photos: list[Image.Image], evidence: bool) -> dict[str, list[ModelResult]]:
+        """The group's models on the photos, in one runtime call (callers size the batches)."""
+        began = time.perf_counter()
         transform = self._transforms[group.keys[0]]
-        results: dict[str, list[ModelResult]] = {key: [] for key in group.keys}
-        for start in range(0, len(photos), CHUNK):
-            chunk = photos[start:start + CHUNK]
-            began = time.perf_counter()
-            x = torch.stack([transform(photo) for photo in chunk])
-            try:
-                outputs = group.runner(x, evidence)
-            except Exception as exc:  # noqa: BLE001 - the torch path still answers, model by model
-                if group.runner is group.torch_runner:
-                    raise
-                log.warning("%s failed in %s (%s: %s); answering in torch", group.keys, group.runner.runtime,
-                            type(exc).__name__, exc)
-                outputs = group.torch_runner(x, evidence)
-            latency_ms = (time.perf_counter() - began) * 1000
-            for key in group.keys:
-                results[key] += self._results(key, outputs[key], len(chunk), evidence, latency_ms)
-        return results
+        x = torch.stack([transform(photo) for photo in photos])
+        try:
+            outputs = group.runner(x, evidence)
+        except Exception as exc:  # noqa: BLE001 - the torch path still answers, model by model
+            if group.runner is group.torch_runner:
+                raise
+            log.warning("%s failed in %s (%s: %s); answering in torch", group.keys, group.runner.runtime,
+                        type(exc).__name__, exc)
+            outputs = group.torch_runner(x, evidence)
+        latency_ms = (time.perf_counter() - began) * 1000
+        return {key: self._results(key, outputs[key], len(photos), evidence, latency_ms) for key in group.keys}
 
     def _results(self, key: str, out: Outputs | Exception, photos: int, evidence: bool,
                  latency_ms: float) -> list[ModelResult]:

@@ -135,9 +135,6 @@ def session_options(threads: int | None = None):
     options.inter_op_num_threads = 1
     # ENABLE_ALL adds the layout transforms (NCHWc convolutions) that make ORT pay on this CPU.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Idle pool threads would spin after each run and take a core from the overlay drawing that
-    # follows on the calling thread (benchmarks/README.md: spinning off was faster).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
