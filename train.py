@@ -10,6 +10,8 @@ from pathlib import Path
 from birdfg.models import MODEL_KEYS, PRESETS, TRAINING_DEFAULTS
 from birdfg.train_config import TrainConfig
 
+DEFAULT = TrainConfig()  # the one place the defaults live
+
 
 def _defaults(name: str) -> str:
     def one(preset: str, values: dict) -> str:
@@ -23,22 +25,22 @@ def _defaults(name: str) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="train.py", description=__doc__)
     p.add_argument("--data", type=Path, required=True, help="dataset folder (train_images/, val_images/)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT.preset)
     p.add_argument("--models", nargs="+", choices=MODEL_KEYS, default=list(MODEL_KEYS))
     p.add_argument("--epochs", type=int, default=None, help=f"default: {_defaults('epochs')}")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=DEFAULT.batch_size)
     p.add_argument("--lr", type=float, default=None, help=f"head learning rate; default: {_defaults('lr')}")
     p.add_argument("--backbone-lr-scale", type=float, default=None,
                    help="pretrained (or fine-tuned top) layers learn at lr x this; "
                         f"default: {_defaults('backbone_lr_scale')}")
-    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=DEFAULT.weight_decay)
     p.add_argument("--img-size", type=int, default=None, help="input size (default: the preset's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", type=Path, default=Path("checkpoints"))
+    p.add_argument("--seed", type=int, default=DEFAULT.seed)
+    p.add_argument("--output", type=Path, default=DEFAULT.output)
     p.add_argument("--split-file", type=Path, default=None,
                    help="CSV such as annotations.csv whose cub_split column (train/test) defines the split")
-    p.add_argument("--views", type=int, default=8,
-                   help="frozen backbones: augmented views of each train photo to cache (default 8)")
+    p.add_argument("--views", type=int, default=DEFAULT.views,
+                   help=f"frozen backbones: augmented views of each train photo to cache (default {DEFAULT.views})")
     p.add_argument("--boxes", type=Path, default=None,
                    help="CSV with bird boxes (annotations.csv format) for zoomed training views; "
                         "default: DATA/annotations.csv when it exists")
@@ -46,13 +48,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-pretrained", action="store_true", help="random backbone weights; downloads nothing")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--force", action="store_true", help="export even if val accuracy is below the existing file's")
-    p.add_argument("--accelerator", default="auto")
-    p.add_argument("--devices", default="auto")
-    p.add_argument("--num-nodes", type=int, default=1)
-    p.add_argument("--strategy", default="auto")
+    p.add_argument("--accelerator", default=DEFAULT.accelerator)
+    p.add_argument("--devices", default=str(DEFAULT.devices))
+    p.add_argument("--num-nodes", type=int, default=DEFAULT.num_nodes)
+    p.add_argument("--strategy", default=DEFAULT.strategy)
     p.add_argument("--precision", default=None, help="default: bf16-mixed on a GPU that has it, else 32-true")
-    p.add_argument("--logger", default="csv", choices=["csv", "tensorboard", "wandb", "none"])
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--logger", default=DEFAULT.logger, choices=["csv", "tensorboard", "wandb", "none"])
+    p.add_argument("--workers", type=int, default=DEFAULT.workers)
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="publish the exported set to the Hub")
     return p.parse_args(argv)
 
