@@ -11,7 +11,7 @@ drawn on the photo, in-process) and photos/s of batches of 16, for this tree and
 checked out at --against (`git worktree add /tmp/before <rev>`); ratio = this tree / that one.
 `mechanisms`: the same two figures for the engine with each mechanism switched off in turn:
 ONNX Runtime (off: torch eager), its full graph optimisation (off: basic), its idle threads
-spinning (ONNX Runtime's default; off: sleeping), the whole batch in one runtime call (off: one
+sleeping (off: spinning, ONNX Runtime's default), the whole batch in one runtime call (off: one
 photo per call).
 """
 from __future__ import annotations
@@ -140,13 +140,13 @@ def mechanisms(args: argparse.Namespace) -> dict:
 
     shipped = runtime.session_options
 
-    def options(level=None, spinning=True):
+    def options(level=None, spinning=False):
         def make(threads=None):
             made = shipped(threads)
             if level is not None:
                 made.graph_optimization_level = level
-            if not spinning:
-                made.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            if spinning:
+                made.add_session_config_entry("session.intra_op.allow_spinning", "1")
             return made
         return make
 
@@ -155,7 +155,7 @@ def mechanisms(args: argparse.Namespace) -> dict:
                 ("without ONNX Runtime (torch eager)", shipped, "torch", False),
                 ("without full graph optimisation (basic)", options(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC), "auto",
                  False),
-                ("without idle threads spinning (sleeping)", options(spinning=False), "auto", False),
+                ("without idle threads sleeping (spinning)", options(spinning=True), "auto", False),
                 ("without the whole batch in one call (one call per photo)", shipped, "auto", True)]
     timers = {}
     for name, make, rt, per_photo in variants:

@@ -135,6 +135,9 @@ def session_options(threads: int | None = None):
     options.inter_op_num_threads = 1
     # ENABLE_ALL adds the layout transforms (NCHWc convolutions) that make ORT pay on this CPU.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle pool threads sleep instead of spinning: a spinning thread takes a core from the map
+    # drawing that follows on the calling thread (benchmarks/README.md, the A/B table).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
