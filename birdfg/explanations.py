@@ -72,30 +72,29 @@ class Explanation(ABC):
         return {o.name: options.get(o.name, o.default) for o in self.options()}
 
 
-class ClassActivationMap(Explanation):
+class _HeadClassMap(Explanation):
+    """A map the head computes exactly from the pass's features (`head.class_maps`)."""
+
+    def grid(self, evidence: Evidence, class_index: int, **options: Any) -> np.ndarray:
+        with torch.inference_mode():
+            maps = self.model.head.class_maps(evidence.features, torch.tensor([class_index]))
+        return maps[0, 0].float().numpy()
+
+
+class ClassActivationMap(_HeadClassMap):
     """CAM (Zhou et al. 2016) of a linear head on pooled features: exact, no gradient."""
 
     name = "cam"
     label = "Class activation map"
     description = "Class activation map: the classifier's weights for the species applied at every location."
 
-    def grid(self, evidence: Evidence, class_index: int, **options: Any) -> np.ndarray:
-        with torch.inference_mode():
-            maps = self.model.head.class_maps(evidence.features, torch.tensor([class_index]))
-        return maps[0, 0].float().numpy()
 
-
-class BilinearSplit(Explanation):
+class BilinearSplit(_HeadClassMap):
     """The bilinear class score split exactly over locations; its parts are channel pairs."""
 
     name = "bilinear"
     label = "Bilinear location split"
     description = "The species' bilinear score split exactly over locations; below, the channel pairs that weigh most."
-
-    def grid(self, evidence: Evidence, class_index: int, **options: Any) -> np.ndarray:
-        with torch.inference_mode():
-            maps = self.model.head.class_maps(evidence.features, torch.tensor([class_index]))
-        return maps[0, 0].float().numpy()
 
     def parts(self, evidence: Evidence, class_index: int, k: int = 4) -> list[tuple[str, np.ndarray]]:
         with torch.inference_mode():

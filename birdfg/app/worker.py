@@ -24,13 +24,11 @@ class TorchThread:
 
     libgomp (PyTorch's OpenMP) keeps a team of worker threads for every thread that has run a
     parallel torch op, and once it manages more threads than there are CPUs it stops spin-waiting
-    between parallel regions. A server that runs its models on its pool of request threads gets a
-    team per request thread: on this 2-core machine a lite comparison took 35 ms before requests
-    from a pool of threads and 49.5 ms after (the Lite0 trunk 15.7 -> 21.4 ms per photo pair).
-    So the app's request threads hand model work to the main thread, which does nothing else once
-    the server is up (`serve_forever`). (PerCore's helpers run torch too, but single-threaded: a
-    thread that never runs a parallel region has no team.) Until then (scripts, tests) a call
-    runs where it is made.
+    between parallel regions; a server that ran its models on its pool of request threads got a
+    team per request thread, and every comparison slowed down (benchmarks/README.md, server
+    settings). So the app's request threads hand model work (preprocessing, ONNX Runtime, maps)
+    to the main thread, which does nothing else once the server is up (`serve_forever`): one
+    comparison at a time, on all cores. Until then (scripts, tests) a call runs where it is made.
     Each hand-over costs a thread switch, a few ms on a busy machine: hand over a whole event's
     work at once (the app's handlers are decorated), not each small step.
     """

@@ -9,6 +9,7 @@ is refused and rebuilt. ONNX files are protobuf, never pickles.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -119,12 +120,9 @@ class _Flat(nn.Module):
 
 
 def onnx_available() -> bool:
-    try:
-        import onnx  # noqa: F401  (the exporter writes through it)
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether ONNX Runtime and the exporter's `onnx` are installed (found, not imported: onnx
+    loads only when a graph has to be exported)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
 
 
 def session_options(threads: int | None = None):
