@@ -7,7 +7,6 @@ Every explanation comes from the evidence of the pass that made the prediction.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -24,7 +23,7 @@ from birdfg.explanations import Evidence, Explanation, explanations_of
 from birdfg.images import ImageSource, open_rgb
 from birdfg.inference.parts import GroupPart, ModelPart, Outputs
 from birdfg.inference.results import Comparison, ModelResult
-from birdfg.inference.runtime import OnnxRunner, TorchRunner, runner, sha256_file, sha256_tensors
+from birdfg.inference.runtime import OnnxRunner, TorchRunner, runner
 from birdfg.inference.threads import limit_threads
 from birdfg.overlay import crop_box, overlay
 
@@ -84,15 +83,10 @@ class Engine:
             size = first.preprocess["input_size"]
             example = torch.randn(1, *size, generator=torch.Generator().manual_seed(0))
             name = "-".join(keys) + f"-{size[-1]}px"
-            groups.append(Group(keys, runner(part, name, lambda: self._source(keys, part), example,
-                                             self.model_set.folder, runtime), TorchRunner(part)))
+            torch_runner = TorchRunner(part)
+            chosen = runner(part, name, example, self.model_set.folder, runtime, torch_runner)
+            groups.append(Group(keys, chosen, torch_runner))
         return groups
-
-    def _source(self, keys: list[str], part: GroupPart) -> str:
-        """What a group's graph depends on: its checkpoint files, the weights in memory and the
-        module structure (a head replaced in memory makes a new graph)."""
-        files = [sha256_file(self.models[key].path) for key in keys]
-        return "|".join([*files, sha256_tensors(part), hashlib.sha256(repr(part).encode()).hexdigest()])
 
     def warm_up(self) -> float:
         """One comparison (maps and overlays too) of a synthetic photo; returns its seconds."""

@@ -2,8 +2,8 @@
 reference the ONNX graphs are checked against).
 
 An exported graph is cached under the set folder's `.onnx/` (or the user's cache when that is
-not writable), named by a key over the part's source (a checkpoint's sha256, or the trunk's
-weights), its input shape and the exporter's versions; a cached file whose embedded key differs
+not writable), named by a sha256 over the group's structure and weights (the checkpoints' tensors and the
+frozen trunk's), its input shape and the exporter's versions; a cached file whose embedded key differs
 is refused and rebuilt. ONNX files are protobuf, never pickles.
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,21 +30,15 @@ GRAPH_FORMAT = "birdfg-graph/1"  # bump when the parts' outputs change: old cach
 OPSET = 17
 USER_CACHE = Path(os.environ.get("BIRDFG_CACHE", Path.home() / ".cache" / "birdfg")) / "onnx"
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def sha256_tensors(module: nn.Module) -> str:
-    """A digest of a module's weights and buffers (names, dtypes, shapes and values)."""
-    digest = hashlib.sha256()
+def graph_source(module: nn.Module) -> str:
+    """A digest of what a module's graph depends on: its structure and its weights and buffers
+    (names, dtypes, shapes and values), i.e. the checkpoints it was loaded from, the frozen trunk
+    from the registry, and anything replaced in memory."""
+    digest = hashlib.sha256(repr(module).encode())
     for name, tensor in module.state_dict().items():
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        digest.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+        digest.update((t.float() if t.dtype == torch.bfloat16 else t).numpy())  # no copy for other dtypes
     return digest.hexdigest()
 
 
@@ -88,9 +81,9 @@ class OnnxRunner:
 
     runtime = "onnx"
 
-    def __init__(self, session, output_names: tuple[str, ...]):
+    def __init__(self, session):
         self.session = session
-        self.output_names = list(output_names)
+        self.output_names = [output.name for output in session.get_outputs()]
         self.without_attention = [n for n in self.output_names if ".attention." not in n]
 
     def __call__(self, x: torch.Tensor, evidence: bool) -> dict[str, Outputs | Exception]:
@@ -139,31 +132,25 @@ def session_options(threads: int | None = None):
     return options
 
 
-def onnx_runner(part: GroupPart, name: str, source: str, example: torch.Tensor,
-                folder: Path | None) -> OnnxRunner:
+def onnx_runner(part: GroupPart, name: str, example: torch.Tensor, folder: Path | None) -> OnnxRunner:
     """The part's cached graph as a session, exported first when there is no valid one."""
-    import onnxruntime as ort
-
-    key = graph_key(name, source, example)
-    names = _names(part, example)
+    key = graph_key(name, graph_source(part), example)
     for cache in _cache_dirs(folder):
         path = cache / f"{name}-{key[:16]}.onnx"
         if path.is_file():
             session = _open(path, key)
             if session is not None:
-                return OnnxRunner(session, names)
+                return OnnxRunner(session)
         try:
-            _export(part, example, names, key, path)
+            _export(part, example, key, path)
         except OSError as exc:  # a read-only set folder (e.g. the Hub cache): try the next place
             log.info("cannot write %s (%s)", path, exc)
             continue
-        return OnnxRunner(ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"]),
-                          names)
+        return OnnxRunner(_session(str(path)))
     with tempfile.TemporaryDirectory() as tmp:  # nowhere to keep it: build it for this process only
         path = Path(tmp) / "part.onnx"
-        _export(part, example, names, key, path)
-        return OnnxRunner(ort.InferenceSession(path.read_bytes(), session_options(),
-                                               providers=["CPUExecutionProvider"]), names)
+        _export(part, example, key, path)
+        return OnnxRunner(_session(path.read_bytes()))
 
 
 def _cache_dirs(folder: Path | None) -> list[Path]:
@@ -172,20 +159,16 @@ def _cache_dirs(folder: Path | None) -> list[Path]:
     return ([graph_cache_dir(folder)] if folder is not None else []) + [USER_CACHE]
 
 
-def _names(group: GroupPart, example: torch.Tensor) -> tuple[str, ...]:
-    """The group's output names, from one forward of `example` (attention always recorded: the
-    graph holds it; a run that needs no map does not fetch it)."""
-    group.keep_attention(True)
-    with torch.inference_mode():
-        return tuple(group(example))
+def _session(graph: str | bytes):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(graph, session_options(), providers=["CPUExecutionProvider"])
 
 
 def _open(path: Path, key: str):
     """A session of a cached graph, or None when the file is not the graph for `key`."""
-    import onnxruntime as ort
-
     try:
-        session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+        session = _session(str(path))
     except Exception as exc:  # noqa: BLE001 - a damaged cache file is rebuilt, never trusted
         log.warning("%s is not a readable graph (%s); rebuilding it", path, exc)
         return None
@@ -195,9 +178,14 @@ def _open(path: Path, key: str):
     return session
 
 
-def _export(part: GroupPart, example: torch.Tensor, names: tuple[str, ...], key: str, path: Path) -> None:
-    """Export `part` with a dynamic batch axis to `path` atomically, the key embedded."""
+def _export(part: GroupPart, example: torch.Tensor, key: str, path: Path) -> None:
+    """Export `part` with a dynamic batch axis to `path` atomically, the key embedded. Attention
+    is always recorded: the graph holds it, and a run that needs no map does not fetch it."""
     import onnx
+
+    part.keep_attention(True)
+    with torch.inference_mode():
+        names = tuple(part(example))  # the output names, in the order the exporter takes them
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -217,18 +205,18 @@ def _export(part: GroupPart, example: torch.Tensor, names: tuple[str, ...], key:
             os.unlink(tmp)
 
 
-def runner(part: GroupPart, name: str, source: Callable[[], str], example: torch.Tensor,
-           folder: Path | None, runtime: str) -> TorchRunner | OnnxRunner:
-    """The group on `runtime` ("onnx", "torch" or "auto": ONNX Runtime when installed). A group
-    that cannot be exported runs in torch, with a warning."""
+def runner(part: GroupPart, name: str, example: torch.Tensor, folder: Path | None, runtime: str,
+           torch_runner: TorchRunner) -> TorchRunner | OnnxRunner:
+    """Where the group runs: ONNX Runtime for "onnx", and for "auto" when it is installed;
+    `torch_runner` for "torch", and for a group that cannot be exported (with a warning)."""
     if runtime not in ("auto", "onnx", "torch"):
         raise ValueError(f"Unknown runtime {runtime!r}; choose auto, onnx or torch.")
     if runtime == "torch" or (runtime == "auto" and not onnx_available()):
-        return TorchRunner(part)
+        return torch_runner
     try:
-        return onnx_runner(part, name, source(), example, folder)
+        return onnx_runner(part, name, example, folder)
     except Exception as exc:  # noqa: BLE001 - an unexportable part still answers, in torch
         if runtime == "onnx":
             raise
         log.warning("%s runs in torch: its ONNX export failed (%s: %s)", name, type(exc).__name__, exc)
-        return TorchRunner(part)
+        return torch_runner
