@@ -4,8 +4,14 @@ Every head names the methods it offers (`explanations` on the head class, see he
 method turns the evidence of the prediction's own forward pass into a location grid for a
 class. The app asks a model what it can show (`explanations_of`) and never which model it is.
 
-A method that needs a gradient can run the model's own top and head again from
-`Evidence.shared` (the shared trunk's output) with autograd on; the trunk never runs again.
+Every method answers for a list of targets, each a class or a contrast "class X rather than
+class Y" (the map of logit_X - logit_Y). A method whose map is linear in the class score
+(`linear_in_class`: CAM, the bilinear split) gives contrasts exactly as a difference of two
+class maps, so one map per class is all a viewer needs. A gradient method runs the part of the
+model that holds what it differentiates once more with autograd on, then one batched backward
+pass for all its targets: the lite ViT's head from `Evidence.features` (nothing before the head
+runs again); a model whose attention sits in its backbone (the full preset's ViT-B/16) runs
+again from `Evidence.inputs`.
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from birdfg.attention import AttentionRecorder, attention_layers
+
 
 @dataclass
 class Evidence:
@@ -25,6 +33,10 @@ class Evidence:
     features: torch.Tensor  # (1, C, H, W): the feature map the head scored
     attentions: list[torch.Tensor] = field(default_factory=list)  # per layer (1, heads, N, N), softmaxed
     shared: torch.Tensor | None = None  # the shared trunk's output (input of the model's own top)
+    inputs: torch.Tensor | None = None  # (1, 3, H, W): the preprocessed photo
+
+
+Target = tuple[int, "int | None"]  # (class, the class it is contrasted with, or None)
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,7 @@ class Explanation(ABC):
     label: ClassVar[str]  # what a menu calls it
     description: ClassVar[str]  # one sentence for a reader of the map
     class_specific: ClassVar[bool] = True  # False: the same map whatever class is asked about
+    linear_in_class: ClassVar[bool] = False  # True: map(X rather than Y) == map(X) - map(Y) exactly
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -55,17 +68,24 @@ class Explanation(ABC):
         return []
 
     @abstractmethod
-    def grid(self, evidence: Evidence, class_index: int, **options: Any) -> np.ndarray:
-        """The map for `class_index`: (H, W) float32, any scale (overlays normalise it)."""
+    def grids(self, evidence: Evidence, targets: list[Target], **options: Any) -> np.ndarray:
+        """One map per target: (len(targets), H, W) float32, any scale (overlays normalise it)."""
+
+    def grid(self, evidence: Evidence, class_index: int, rather: int | None = None, **options: Any) -> np.ndarray:
+        """The map for `class_index` (rather than class `rather`, when given): (H, W)."""
+        return self.grids(evidence, [(class_index, rather)], **options)[0]
 
     def parts(self, evidence: Evidence, class_index: int, k: int = 4) -> list[tuple[str, np.ndarray]]:
         """A finer breakdown of the map into its k largest terms, each (caption, grid); most
         methods have none."""
         return []
 
-    def caption(self, species: str, own: bool, **options: Any) -> str:
+    def caption(self, species: str, own: bool, rather: str | None = None, **options: Any) -> str:
         """Text shown with the map, for a reader who cannot see it."""
-        return f"Map: where it sees **{species}**{' (its top guess)' if own else ''}."
+        guess = " (its top guess)" if own else ""
+        if rather:
+            return f"Map: what makes it say **{species}**{guess} rather than **{rather}**."
+        return f"Map: where it sees **{species}**{guess}."
 
     def resolve(self, options: dict[str, Any]) -> dict[str, Any]:
         """The method's own options from `options` (others ignored), defaults filled in."""
@@ -73,12 +93,17 @@ class Explanation(ABC):
 
 
 class _HeadClassMap(Explanation):
-    """A map the head computes exactly from the pass's features (`head.class_maps`)."""
+    """A map the head computes exactly from the pass's features (`head.class_maps`); it sums to
+    the class score, so a contrast is the difference of two class maps."""
 
-    def grid(self, evidence: Evidence, class_index: int, **options: Any) -> np.ndarray:
+    linear_in_class = True
+
+    def grids(self, evidence: Evidence, targets: list[Target], **options: Any) -> np.ndarray:
+        asked = sorted({c for target in targets for c in target if c is not None})
         with torch.inference_mode():
-            maps = self.model.head.class_maps(evidence.features, torch.tensor([class_index]))
-        return maps[0, 0].float().numpy()
+            maps = self.model.head.class_maps(evidence.features, torch.tensor(asked))[0].float().numpy()
+        row = {c: i for i, c in enumerate(asked)}
+        return np.stack([maps[row[x]] - (maps[row[y]] if y is not None else 0) for x, y in targets])
 
 
 class ClassActivationMap(_HeadClassMap):
@@ -128,10 +153,21 @@ def _as_grid(row: torch.Tensor) -> np.ndarray:
     return row.float().reshape(side, n // side).numpy()
 
 
-def _attention_layers(model: nn.Module) -> list[nn.Module]:
-    from timm.models.vision_transformer import Attention
-
-    return [m for m in model.modules() if isinstance(m, Attention)]
+def gradient_relevance(attentions: list[torch.Tensor], gradients: list[torch.Tensor]) -> torch.Tensor:
+    """Gradient-weighted attention relevance (Chefer, Gur & Wolf, ICCV 2021, "Generic
+    Attention-model Explainability"): R = I, then per layer R <- R + mean_heads((dA * A)+) R;
+    returns the class token's row without itself, (B, N - 1). Only that row of the last layer
+    matters, so the last layer's matrices may come as that row alone, (B, heads, 1, N).
+    Attention may have batch 1 for gradients of batch B (one pass, many targets)."""
+    *earlier, last = list(zip(attentions, gradients))
+    n, batch = attentions[0].shape[-1], gradients[0].shape[0]
+    relevance = torch.eye(n, device=attentions[0].device).expand(batch, n, n)
+    for i, (attn, grad) in enumerate(earlier):
+        cam = (grad * attn).clamp(min=0).mean(dim=1).float()
+        relevance = relevance + (cam if i == 0 else cam @ relevance)  # the first: cam @ I
+    attn, grad = last
+    cam = (grad[:, :, :1] * attn[:, :, :1]).clamp(min=0).mean(dim=1).float()  # (B, 1, N)
+    return (relevance[:, :1] + cam @ relevance)[:, 0, 1:]
 
 
 class _AttentionMethod(Explanation):
@@ -142,17 +178,30 @@ class _AttentionMethod(Explanation):
             raise ValueError("no attention was recorded for this model")
         return evidence.attentions
 
+    def grids(self, evidence: Evidence, targets: list[Target], **options: Any) -> np.ndarray:
+        # The same map for every class: computed once.
+        return np.repeat(self._map(evidence, **options)[None], len(targets), axis=0)
+
+    @abstractmethod
+    def _map(self, evidence: Evidence, **options: Any) -> np.ndarray: ...
+
+    def caption(self, species: str, own: bool, rather: str | None = None, **options: Any) -> str:
+        return f"Map: {self._what(**options)} (attention is the same for every species)."
+
+    @abstractmethod
+    def _what(self, **options: Any) -> str: ...
+
 
 class AttentionRollout(_AttentionMethod):
     name = "rollout"
     label = "Rollout (all layers)"
     description = "Attention rollout: how much the class token draws on each patch, through all layers."
 
-    def grid(self, evidence: Evidence, class_index: int, **options: Any) -> np.ndarray:
+    def _map(self, evidence: Evidence, **options: Any) -> np.ndarray:
         return _as_grid(attention_rollout(self._recorded(evidence))[0])
 
-    def caption(self, species: str, own: bool, **options: Any) -> str:
-        return "Map: attention rollout through all layers (attention is the same for every species)."
+    def _what(self, **options: Any) -> str:
+        return "attention rollout through all layers"
 
 
 class LayerAttention(_AttentionMethod):
@@ -163,19 +212,66 @@ class LayerAttention(_AttentionMethod):
     description = "One layer's class-token attention, mean of its heads or a single head."
 
     def options(self) -> list[Option]:
-        layers = _attention_layers(self.model)
+        layers = attention_layers(self.model)
         heads = layers[0].num_heads if layers else 0
         return [Option("layer", "Layer", tuple((f"Layer {i + 1} only", i) for i in range(len(layers)))),
                 Option("head", "Head", (("Mean of heads", None), *((f"Head {h + 1}", h) for h in range(heads))))]
 
-    def grid(self, evidence: Evidence, class_index: int, layer: int = 0, head: int | None = None,
-             **options: Any) -> np.ndarray:
+    def _map(self, evidence: Evidence, layer: int = 0, head: int | None = None, **options: Any) -> np.ndarray:
         per_head = class_token_attention(self._recorded(evidence)[layer])[0]
         return _as_grid(per_head.mean(0) if head is None else per_head[head])
 
-    def caption(self, species: str, own: bool, layer: int = 0, head: int | None = None, **options: Any) -> str:
+    def _what(self, layer: int = 0, head: int | None = None, **options: Any) -> str:
         which = "mean of heads" if head is None else f"head {head + 1}"
-        return f"Map: layer {layer + 1}'s class-token attention, {which} (attention is the same for every species)."
+        return f"layer {layer + 1}'s class-token attention, {which}"
+
+
+class AttentionRelevance(Explanation):
+    """Chefer et al.'s gradient-weighted relevance for a class (or a contrast of two): the part
+    of the model that holds the attention runs again in torch with autograd (the lite ViT: its
+    head, from the features it scored), and one batched backward pass gives every target's
+    attention gradients."""
+
+    name = "relevance"
+    label = "Relevance for the species"
+    description = ("Relevance: attention weighted by how much it raises the species' score "
+                   "(Chefer et al. 2021), through every layer.")
+
+    def grids(self, evidence: Evidence, targets: list[Target], **options: Any) -> np.ndarray:
+        asked = sorted({c for target in targets for c in target if c is not None})
+        recorder = AttentionRecorder(self.model, keep_graph=True)
+        try:
+            with torch.enable_grad():
+                logits = self._logits(evidence)  # (1, classes): one forward for every target
+                attentions = recorder.take()
+                # One batched backward pass (vmap over one-hot output gradients) gives dA for
+                # every class asked about. Backpropagation is linear in the output gradient, so
+                # the gradient of logit_x - logit_y is dA_x - dA_y: contrasts cost no extra pass.
+                onehot = torch.eye(logits.shape[-1], dtype=logits.dtype)[asked][:, None]
+                per_class = torch.autograd.grad(logits, attentions, grad_outputs=onehot, is_grads_batched=True)
+        finally:
+            recorder.remove()
+        row = {c: i for i, c in enumerate(asked)}
+        x = torch.tensor([row[c] for c, _ in targets])
+        y = torch.tensor([row[r] if r is not None else -1 for _, r in targets])
+        rival = (y >= 0)[:, None, None, None]
+        # Only the class token's row of the last layer counts (see gradient_relevance).
+        per_class = [*per_class[:-1], per_class[-1][:, :, :, :1]]
+        gradients = [g[x, 0] - torch.where(rival, g[y.clamp(min=0), 0], 0) for g in per_class]
+        attentions = [*attentions[:-1], attentions[-1][:, :, :1]]
+        with torch.no_grad():
+            relevance = gradient_relevance([a.detach() for a in attentions], gradients)
+        return np.stack([_as_grid(r) for r in relevance])
+
+    def _logits(self, evidence: Evidence) -> torch.Tensor:
+        model = self.model
+        if attention_layers(model.backbone):  # attention in the backbone: run it from the photo
+            if evidence.inputs is None:
+                raise ValueError("this model's relevance needs the photo's input tensor (Evidence.inputs)")
+            return model(evidence.inputs)
+        # The attention is in the head: it runs again from the features the head scored (the
+        # gradient stops at the attention matrices, so nothing before the head is needed).
+        return model.head(evidence.features)
 
 
 def explanations_of(model: nn.Module) -> list[Explanation]:

@@ -16,7 +16,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from birdfg.explanations import AttentionRollout, BilinearSplit, ClassActivationMap, LayerAttention
+from birdfg.explanations import AttentionRelevance, AttentionRollout, BilinearSplit, ClassActivationMap, LayerAttention
 
 
 class LinearHead(nn.Module):
@@ -40,9 +40,9 @@ class LinearHead(nn.Module):
 
 class TokenHead(nn.Module):
     """Linear classifier on the class token of a ViT backbone (the full preset's ViT-B/16).
-    Its explanation is attention over the backbone's blocks."""
+    Its explanations are attention over the backbone's blocks."""
 
-    explanations = (AttentionRollout, LayerAttention)
+    explanations = (AttentionRelevance, AttentionRollout, LayerAttention)
 
     def __init__(self, in_features: int, num_classes: int, dropout: float = 0.1):
         super().__init__()
@@ -58,7 +58,7 @@ class TransformerHead(nn.Module):
     token and learned position embeddings are added, and a small transformer encoder (timm's own
     `Block`, so attention is real ViT attention) feeds a linear classifier on the class token."""
 
-    explanations = (AttentionRollout, LayerAttention)
+    explanations = (AttentionRelevance, AttentionRollout, LayerAttention)
 
     def __init__(
         self,

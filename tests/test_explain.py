@@ -1,6 +1,7 @@
-"""The three explanations on tiny hand-built models, where the right answer is known:
-CAM and the bilinear decomposition are exact sums of the class score, rollout follows the
-attention it is given, and the overlay puts a map where the model looked."""
+"""The explanations on tiny hand-built models, where the right answer is known: CAM and the
+bilinear decomposition are exact sums of the class score (and their contrasts of the logit
+difference), rollout follows the attention it is given, the gradient-weighted relevance finds
+the token a class depends on, and the overlay puts a map where the model looked."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,10 +10,11 @@ import torch
 from PIL import Image
 from timm.models.vision_transformer import Block
 
-from birdfg.explanations import (AttentionRollout, BilinearSplit, ClassActivationMap, Evidence, LayerAttention,
-                                 attention_rollout, class_token_attention, explanations_of)
+from birdfg.attention import AttentionRecorder
+from birdfg.explanations import (AttentionRelevance, AttentionRollout, BilinearSplit, ClassActivationMap, Evidence,
+                                 LayerAttention, attention_rollout, class_token_attention, explanations_of,
+                                 gradient_relevance)
 from birdfg.heads import BilinearHead, LinearHead, TransformerHead
-from birdfg.inference.parts import AttentionRecorder
 from birdfg.overlay import crop_box, normalise, overlay, peak_location
 
 torch.manual_seed(0)
@@ -50,6 +52,15 @@ def test_cam_averages_to_the_logit_minus_bias():
     torch.testing.assert_close(maps.mean(dim=(2, 3)) + head.fc.bias, logits)
 
 
+def test_contrastive_cam_sums_to_the_logit_difference():
+    head = LinearHead(16, 5).eval()
+    fmap = torch.randn(1, 16, 4, 6)
+    with torch.no_grad():
+        logits = head(fmap)[0] - head.fc.bias
+    contrast = ClassActivationMap(_Model(head)).grid(Evidence(fmap), 1, rather=3)
+    assert contrast.mean() == pytest.approx(float(logits[1] - logits[3]), rel=1e-5, abs=1e-6)
+
+
 # --- B-CNN: bilinear score decomposed over locations ------------------------------------------
 
 
@@ -61,6 +72,18 @@ def test_bilinear_maps_sum_to_the_class_score_minus_bias(dim):
         logits = head(fmap)
         maps = head.class_maps(fmap, torch.arange(4))
     torch.testing.assert_close(maps.sum(dim=(2, 3)) + head.fc.bias, logits, rtol=1e-4, atol=1e-5)
+
+
+def test_contrastive_bilinear_map_sums_to_the_logit_difference():
+    head = BilinearHead(8, 4, dim=6).eval()
+    fmap = torch.rand(1, 8, 5, 5)
+    with torch.no_grad():
+        logits = head(fmap)[0] - head.fc.bias
+    method = BilinearSplit(_Model(head))
+    contrast = method.grid(Evidence(fmap), 2, rather=0)
+    assert contrast.sum() == pytest.approx(float(logits[2] - logits[0]), rel=1e-4, abs=1e-5)
+    both = method.grids(Evidence(fmap), [(2, 0), (2, None), (0, None)])
+    np.testing.assert_allclose(both[0], both[1] - both[2], rtol=1e-5, atol=1e-6)
 
 
 def test_bilinear_map_peaks_where_the_planted_pair_is():
@@ -135,6 +158,7 @@ class _Model(torch.nn.Module):
 
     def __init__(self, head: torch.nn.Module):
         super().__init__()
+        self.backbone = torch.nn.Identity()
         self.head = head
 
 
@@ -142,7 +166,7 @@ def test_each_head_offers_its_own_methods():
     offered = {type(head).__name__: [type(m) for m in explanations_of(_Model(head))] for head in
                (LinearHead(8, 3), BilinearHead(8, 3, dim=4), TransformerHead(8, 3, grid=4, dim=16, heads=4))}
     assert offered == {"LinearHead": [ClassActivationMap], "BilinearHead": [BilinearSplit],
-                       "TransformerHead": [AttentionRollout, LayerAttention]}
+                       "TransformerHead": [AttentionRelevance, AttentionRollout, LayerAttention]}
     layer = LayerAttention(_Model(TransformerHead(8, 3, grid=4, dim=16, depth=2, heads=4)))
     assert [o.name for o in layer.options()] == ["layer", "head"]
     assert [v for _, v in layer.options()[0].choices] == [0, 1] and layer.options()[1].choices[0][1] is None
@@ -168,6 +192,66 @@ def test_transformer_head_explanations_are_grids_and_heads_differ():
     # Attention does not depend on the class asked about.
     np.testing.assert_array_equal(rollout, AttentionRollout(model).grid(evidence, 2))
     assert "layer 2" in layer.caption("X", True, layer=1) and "head 3" in layer.caption("X", True, layer=1, head=2)
+
+
+def _uniform_attention_head(at: tuple[int, int]) -> tuple[TransformerHead, torch.Tensor, int]:
+    """A one-layer, one-head transformer head whose attention is uniform (queries and keys
+    zeroed, MLP silenced, no position embedding) and whose two logits are opposite: attention
+    alone cannot tell a class from the other, every token is the same but one planted token,
+    whose value pushes one class up and so the other down. Returns the head, a feature map with
+    that token planted, and the favoured class."""
+    torch.manual_seed(4)
+    head = TransformerHead(8, 2, grid=4, dim=16, depth=1, heads=1).eval()
+    with torch.no_grad():
+        head.pos_embed.zero_()
+        head.fc.weight[1] = -head.fc.weight[0]
+        head.fc.bias.zero_()
+        for block in head.blocks:
+            block.attn.qkv.weight[:32] = 0
+            block.attn.qkv.bias[:32] = 0
+            block.mlp.fc2.weight.zero_()
+            block.mlp.fc2.bias.zero_()
+        plain = torch.zeros(1, 8, 4, 4)
+        fmap = plain.clone()
+        fmap[0, :, at[0], at[1]] = 3.0
+        favoured = int(torch.argmax(head(fmap)[0] - head(plain)[0]))
+    return head, fmap, favoured
+
+
+def test_relevance_finds_the_token_a_class_depends_on_and_rollout_does_not_care():
+    at = (2, 1)
+    head, fmap, favoured = _uniform_attention_head(at)
+    model = _Model(head)
+    recorder = AttentionRecorder(head)
+    with torch.no_grad():
+        head(fmap)
+    evidence = Evidence(fmap, recorder.take())
+    recorder.remove()
+    relevance = AttentionRelevance(model)
+    assert argmax2d(relevance.grid(evidence, favoured)) == at
+    against = relevance.grid(evidence, 1 - favoured)
+    assert against[at] == 0 and argmax2d(against) != at  # the token only speaks against that class
+    rollout = AttentionRollout(model)
+    np.testing.assert_array_equal(rollout.grid(evidence, 0), rollout.grid(evidence, 1))
+    assert np.ptp(rollout.grid(evidence, 0)) < 1e-6  # uniform attention: a flat rollout
+
+
+def test_relevance_of_a_contrast_is_the_gradient_of_the_logit_difference():
+    """The batched path (one backward for all classes, contrasts as differences of gradients)
+    equals one backward pass of logit_x - logit_y."""
+    torch.manual_seed(5)
+    head = TransformerHead(8, 4, grid=4, dim=16, depth=3, heads=4).eval()
+    fmap = torch.rand(1, 8, 4, 4)
+    recorder = AttentionRecorder(head, keep_graph=True)
+    logits = head(fmap)
+    attentions = recorder.take()
+    recorder.remove()
+    gradients = torch.autograd.grad(logits[0, 3] - logits[0, 1], attentions)
+    expected = gradient_relevance([a.detach() for a in attentions], list(gradients))[0].reshape(4, 4).numpy()
+    method = AttentionRelevance(_Model(head))
+    got = method.grids(Evidence(fmap), [(0, None), (3, 1), (2, 3)])
+    np.testing.assert_allclose(got[1], expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(method.grid(Evidence(fmap), 3, rather=1), expected, rtol=1e-5, atol=1e-7)
 
 
 def test_cam_and_bilinear_methods_give_their_heads_class_maps():

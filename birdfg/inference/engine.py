@@ -123,12 +123,13 @@ class Engine:
                         type(exc).__name__, exc)
             outputs = group.torch_runner(x, evidence)
         latency_ms = (time.perf_counter() - began) * 1000
-        return {key: self._results(key, outputs[key], len(photos), evidence, latency_ms) for key in group.keys}
+        return {key: self._results(key, outputs[key], x, evidence, latency_ms) for key in group.keys}
 
-    def _results(self, key: str, out: Outputs | Exception, photos: int, evidence: bool,
+    def _results(self, key: str, out: Outputs | Exception, x: torch.Tensor, evidence: bool,
                  latency_ms: float) -> list[ModelResult]:
-        """One model's results for a chunk of photos, from its part's outputs."""
+        """One model's results for a chunk of photos (`x`, preprocessed), from its part's outputs."""
         name = self.models[key].display_name
+        photos = len(x)
         if isinstance(out, Exception):
             return [ModelResult(key, name, error=f"{type(out).__name__}: {out}") for _ in range(photos)]
         layers = sorted((n for n in out if n.startswith("attention.")), key=lambda n: int(n.split(".")[1]))
@@ -136,9 +137,35 @@ class Engine:
         for i in range(photos):
             kept = None
             if evidence:
-                kept = Evidence(out["features"][i:i + 1], [out[n][i:i + 1] for n in layers], out["shared"][i:i + 1])
+                kept = Evidence(out["features"][i:i + 1], [out[n][i:i + 1] for n in layers], out["shared"][i:i + 1],
+                                x[i:i + 1])
             results.append(ModelResult(key, name, out["probs"][i].float().numpy(), latency_ms, evidence=kept))
         return results
+
+    def preprocess(self, key: str, photo: Image.Image) -> torch.Tensor:
+        """Model `key`'s input tensor for a photo: (3, H, W), as `run` feeds it."""
+        return self._transforms[key](photo)
+
+    def probabilities(self, key: str, x: torch.Tensor, batch_size: int = 32) -> dict[str, np.ndarray]:
+        """Class probabilities (B, classes) for already-preprocessed inputs `x` (B, 3, H, W) of
+        model `key` and of every model that shares its group (and so its input), e.g. perturbed
+        copies of a photo (the faithfulness tests); in batches of `batch_size`."""
+        group = next(g for g in self.groups if key in g.keys)
+        chunks: dict[str, list[np.ndarray]] = {k: [] for k in group.keys}
+        with self._lock:
+            for start in range(0, len(x), batch_size):
+                chunk = x[start:start + batch_size]
+                try:
+                    out = group.runner(chunk, False)
+                except Exception:  # noqa: BLE001 - as in _run_group: torch still answers
+                    if group.runner is group.torch_runner:
+                        raise
+                    out = group.torch_runner(chunk, False)
+                for k in group.keys:
+                    if isinstance(out[k], Exception):
+                        raise out[k]
+                    chunks[k].append(out[k]["probs"].float().numpy())
+        return {k: np.concatenate(c) for k, c in chunks.items()}
 
     def compare(self, source: ImageSource) -> Comparison:
         """Classify and explain one photo with every model. Raises ImageError for bad input."""
@@ -163,17 +190,24 @@ class Engine:
         raise ValueError(f"{key} offers no {name!r} map; it offers {[m.name for m in methods]}.")
 
     def explain(self, comparison: Comparison, key: str, class_index: int | None = None,
-                method: str | None = None, **options: Any) -> np.ndarray:
-        """The map of model `key` for `class_index` (default: its own top guess)."""
+                method: str | None = None, rather: int | None = None, **options: Any) -> np.ndarray:
+        """The map of model `key` for `class_index` (default: its own top guess), rather than
+        class `rather` when given (the map of the difference of their logits)."""
         evidence = _evidence(comparison, key)
         chosen = self.method(key, method)
         c = comparison.predicted(key) if class_index is None else class_index
-        return chosen.grid(evidence, c, **chosen.resolve(options))
+        return chosen.grid(evidence, c, None if rather == c else rather, **chosen.resolve(options))
+
+    def explain_all(self, comparison: Comparison, key: str, targets: list, method: str | None = None,
+                    **options: Any) -> np.ndarray:
+        """Model `key`'s maps for many (class, rather-than class or None) targets at once: (T, H, W)."""
+        chosen = self.method(key, method)
+        return chosen.grids(_evidence(comparison, key), targets, **chosen.resolve(options))
 
     def overlay(self, comparison: Comparison, key: str, class_index: int | None = None, opacity: float = 0.5,
-                method: str | None = None, **options: Any) -> Image.Image:
+                method: str | None = None, rather: int | None = None, **options: Any) -> Image.Image:
         """That map drawn on the photo (the part the model did not see dimmed)."""
-        grid = self.explain(comparison, key, class_index, method, **options)
+        grid = self.explain(comparison, key, class_index, method, rather, **options)
         return overlay(comparison.photo, grid, comparison.boxes[key], opacity)
 
     def parts_of(self, comparison: Comparison, key: str, class_index: int | None = None, method: str | None = None,
@@ -192,11 +226,12 @@ class Engine:
         return [(caption, overlay(small, grid, box, 0.6)) for caption, grid in terms]
 
     def caption(self, comparison: Comparison, key: str, class_index: int | None = None,
-                method: str | None = None, **options: Any) -> str:
+                method: str | None = None, rather: int | None = None, **options: Any) -> str:
         chosen = self.method(key, method)
         own = comparison.predicted(key)
         c = own if class_index is None else class_index
-        return chosen.caption(display_name(self.classes[c]), c == own, **chosen.resolve(options))
+        against = display_name(self.classes[rather]) if rather is not None and rather != c else None
+        return chosen.caption(display_name(self.classes[c]), c == own, against, **chosen.resolve(options))
 
 
 def _evidence(comparison: Comparison, key: str) -> Evidence:

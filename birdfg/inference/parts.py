@@ -8,50 +8,11 @@ recorded attention matrix), all from one forward pass.
 from __future__ import annotations
 
 import torch
-from timm.models.vision_transformer import Attention
 from torch import nn
 
+from birdfg.attention import AttentionRecorder
+
 Outputs = dict[str, torch.Tensor]  # "probs", "features", "attention.<i>", "shared"
-
-
-class AttentionRecorder:
-    """Keeps the softmaxed attention matrices of every timm `Attention` in a module.
-
-    timm's fused attention (scaled_dot_product_attention) never materialises the matrix, so the
-    recorder switches fusion off for the recorded modules and hooks `attn_drop`, which receives
-    the softmax output; the forward pass is otherwise unchanged, so the prediction and the
-    explanation come from the same run. With `keeping` False it records nothing and fusion is
-    back on (batches that only want class probabilities).
-    """
-
-    def __init__(self, module: nn.Module):
-        self.attentions: list[torch.Tensor] = []
-        self.layers = [m for m in module.modules() if isinstance(m, Attention)]
-        for layer in self.layers:
-            layer.attn_drop.register_forward_hook(self._keep)
-        self.keeping = True
-
-    @property
-    def keeping(self) -> bool:
-        return self._keeping
-
-    @keeping.setter
-    def keeping(self, keeping: bool) -> None:
-        self._keeping = keeping
-        for layer in self.layers:
-            layer.fused_attn = not keeping
-
-    def _keep(self, _module, _inputs, output: torch.Tensor) -> None:
-        if self._keeping:
-            self.attentions.append(output.detach())
-
-    def take(self) -> list[torch.Tensor]:
-        """The matrices recorded since the last call, one (B, heads, N, N) per layer, in order."""
-        taken, self.attentions = self.attentions, []
-        return taken
-
-    def __bool__(self) -> bool:
-        return bool(self.layers)
 
 
 class ModelPart(nn.Module):
@@ -63,9 +24,17 @@ class ModelPart(nn.Module):
         self.model = model
         self.from_photos = from_photos
         self.recorder = AttentionRecorder(model)
+        self.recorder.armed = False  # records this part's own passes only, not other runs of the model
 
     def forward(self, x: torch.Tensor) -> Outputs:
         self.recorder.take()  # nothing a failed earlier call left behind
+        self.recorder.armed = True
+        try:
+            return self._forward(x)
+        finally:
+            self.recorder.armed = False
+
+    def _forward(self, x: torch.Tensor) -> Outputs:
         shared = self.model.shared_features(x) if self.from_photos else x
         features = self.model.top(shared)  # Identity unless the model trains its own top
         out = {"probs": self.model.head(features).float().softmax(-1), "features": features}
