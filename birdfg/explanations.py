@@ -80,6 +80,10 @@ class Explanation(ABC):
         methods have none."""
         return []
 
+    def parts_of_classes(self, evidence: Evidence, classes: list[int], k: int = 4) -> list[list[tuple[str, np.ndarray]]]:
+        """`parts` for several classes."""
+        return [self.parts(evidence, c, k) for c in classes]
+
     def caption(self, species: str, own: bool, rather: str | None = None, **options: Any) -> str:
         """Text shown with the map, for a reader who cannot see it."""
         guess = " (its top guess)" if own else ""
@@ -122,9 +126,13 @@ class BilinearSplit(_HeadClassMap):
     description = "The species' bilinear score split exactly over locations; below, the channel pairs that weigh most."
 
     def parts(self, evidence: Evidence, class_index: int, k: int = 4) -> list[tuple[str, np.ndarray]]:
+        return self.parts_of_classes(evidence, [class_index], k)[0]
+
+    def parts_of_classes(self, evidence: Evidence, classes: list[int], k: int = 4) -> list[list[tuple[str, np.ndarray]]]:
         with torch.inference_mode():
-            pairs = self.model.head.top_pairs(evidence.features, class_index, k)
-        return [(f"{i}x{j}: {value:+.3g}", grid.float().numpy()) for i, j, value, grid in pairs]
+            per_class = self.model.head.top_pairs(evidence.features, list(classes), k)
+        return [[(f"{i}x{j}: {value:+.3g}", grid.float().numpy()) for i, j, value, grid in pairs]
+                for pairs in per_class]
 
 
 def attention_rollout(attentions: list[torch.Tensor], head_fusion: str = "mean") -> torch.Tensor:

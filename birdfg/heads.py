@@ -154,19 +154,24 @@ class BilinearHead(nn.Module):
         maps = torch.einsum("bld,bkde,ble->bkl", a, w, a) / a.shape[1]
         return maps.view(fmap.shape[0], len(classes), *fmap.shape[-2:])
 
-    def top_pairs(self, fmap: torch.Tensor, cls: int, k: int = 4) -> list[tuple[int, int, float, torch.Tensor]]:
+    def top_pairs(self, fmap: torch.Tensor, cls: int | list[int], k: int = 4
+                  ) -> list[tuple[int, int, float, torch.Tensor]] | list[list[tuple[int, int, float, torch.Tensor]]]:
         """The k channel pairs (i, j) that add most to class `cls` for the first image, with their
-        contribution W'_c[i, j] B[i, j] and their location map a_i(l) a_j(l)."""
+        contribution W'_c[i, j] B[i, j] and their location map a_i(l) a_j(l); for a list of
+        classes, one such list per class (one pooling for all)."""
+        classes = [cls] if isinstance(cls, int) else list(cls)
         a, bilinear = self.pooled(fmap[:1])
-        w = self.effective_weights(bilinear, torch.tensor([cls], device=fmap.device))[0, 0]
-        contrib = (w * bilinear[0]).flatten()
-        values, flat = contrib.topk(k)
+        w = self.effective_weights(bilinear, torch.tensor(classes, device=fmap.device))[0]  # (K, d, d)
+        values, flat = (w * bilinear[0]).flatten(1).topk(k, dim=1)
         h, wd = fmap.shape[-2:]
-        pairs = []
-        for value, index in zip(values.tolist(), flat.tolist()):
-            i, j = divmod(index, self.dim)
-            pairs.append((i, j, value, (a[0, :, i] * a[0, :, j]).view(h, wd)))
-        return pairs
+        found = []
+        for row_values, row_flat in zip(values.tolist(), flat.tolist()):
+            pairs = []
+            for value, index in zip(row_values, row_flat):
+                i, j = divmod(index, self.dim)
+                pairs.append((i, j, value, (a[0, :, i] * a[0, :, j]).view(h, wd)))
+            found.append(pairs)
+        return found[0] if isinstance(cls, int) else found
 
 
 HEADS: dict[str, type[nn.Module]] = {

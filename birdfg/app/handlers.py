@@ -12,14 +12,17 @@ from gradio.blocks import Block
 
 from birdfg.app.batch import MAX_BATCH, classify_files, display_table
 from birdfg.app.files import OutputFiles
+from birdfg.app.map_data import NOTHING, model_maps, needs_more, rather_choices, rather_index, rivals
 from birdfg.app.page import Page, menu_update, per_class_table
-from birdfg.app.presentation import PREDICTED, agreement, blurb, column_header, set_status, species_choices, top5
+from birdfg.app.presentation import (PREDICTED, agreement, blurb, column_header, faithfulness_verdict, set_status,
+                                     species_choices, top5)
 from birdfg.app.report import NO_SET, read_report
 from birdfg.app.session import ResultCache, session_of
 from birdfg.app.sets import ModelSets, SetError
-from birdfg.app.view import View, draw_overlay, map_caption, map_menus, map_parts
-from birdfg.app.worker import on_torch_thread
-from birdfg.images import ImageError
+from birdfg.app.view import DEFAULT_OPACITY, map_menus
+from birdfg.app.worker import TORCH_THREAD, on_torch_thread
+from birdfg.data import display_name
+from birdfg.images import ImageError, open_rgb
 from birdfg.inference import Comparison, Engine
 from birdfg.memory import GrowthGuard
 from birdfg.models import ENSEMBLE_KEY
@@ -46,84 +49,153 @@ class Handlers:
         self.default_problem = default_problem  # why the default set did not load, if it did not
         self.memory_guard = GrowthGuard()
 
-    # --- compare and its details ----------------------------------------------------------------
+    # --- compare -----------------------------------------------------------------------------------
 
-    @on_torch_thread
-    def compare(self, image: Any, set_name: str, view: View, request: gr.Request) -> Updates:
-        """The `/compare` API: the JSON answer and every model's overlay (None for a model without a
-        result); bad input gets `{"error": ...}`, never an exception."""
-        page, session = self.page, session_of(request)
-        view = view.for_new_photo()
+    def _comparison(self, image: Any, set_name: str, session: str) -> tuple[Engine | None, Comparison | None, str | None]:
+        """Compare the photo with every model of the set and keep the result for the session;
+        (engine, comparison, None), or (None, None, what is wrong and what to do)."""
         self.cache.drop(session)
-        updates: Updates = {page.answer: None, **dict.fromkeys(page.overlays), page.view_state: view}
         if not image:
-            return {**updates, page.answer: error_answer(NO_PHOTO)}
+            return None, None, NO_PHOTO
         path = image.get("path") if isinstance(image, dict) else image  # the upload, unprocessed
         try:
             engine = self.sets.get(set_name)
             comparison = engine.compare(path)
         except (ImageError, SetError) as exc:
-            return {**updates, page.answer: error_answer(str(exc).replace(str(path), "Your photo"))}
+            return None, None, str(exc).replace(str(path), "Your photo")
         except Exception as exc:  # noqa: BLE001 - a request must never take the app down
             log.exception("compare failed")
-            message = f"Something went wrong while comparing ({type(exc).__name__}: {exc})."
-            return {**updates, page.answer: error_answer(message)}
+            return None, None, f"Something went wrong while comparing ({type(exc).__name__}: {exc})."
         finally:
             self.memory_guard.check()
         self.cache.put(session, set_name, comparison)
-        return {**updates, page.answer: comparison.to_json(), **self._maps(engine, comparison, view)}
+        return engine, comparison, None
 
     @on_torch_thread
-    def details(self, set_name: str, view: View, request: gr.Request) -> Updates:
-        """After a comparison: headers, top-5 labels, map notes and parts, ensemble, agreement."""
+    def compare(self, image: Any, set_name: str, request: gr.Request) -> Updates:
+        """Identify the bird in a photo with three classifiers (a CNN, a vision transformer and a
+        bilinear CNN) and show where each one looked.
+
+        Args:
+            image: a photo of one bird (JPEG, PNG, WebP...; a file path or URL).
+
+        Returns:
+            First a JSON answer: {"models": {key: {"name": str, "top5": [[species, probability], ...],
+            "latency_ms": float, "error"?: str}}, "ensemble": {"top5": [...]}, "agree": bool}, where
+            "agree" says whether every model gave the same top species; for input it cannot use,
+            {"error": "<what is wrong and what to do>"}. Then one image per model (cnn, vit, bcnn): the
+            photo with that model's explanation map for its top species over it (None when it failed).
+        """
         page = self.page
-        comparison = self.cache.get(session_of(request), set_name)
-        engine = self._engine(set_name)
-        updates: Updates = {page.species: gr.update(value=PREDICTED), page.ensemble: top5(comparison, ENSEMBLE_KEY),
-                            page.agree: agreement(comparison)}
+        updates: Updates = {page.answer: None, **dict.fromkeys(page.overlays)}
+        engine, comparison, problem = self._comparison(image, set_name, session_of(request))
+        if problem:
+            return {**updates, page.answer: error_answer(problem)}
         for key, column in page.columns.items():
-            updates[column.header] = column_header(engine, key, comparison)
-            updates[column.label] = top5(comparison, key)
-        return {**updates, **self._notes(engine, comparison, view)}
-
-    @on_torch_thread
-    def rerender(self, values: dict[Block, Any], request: gr.Request) -> Updates:
-        """The maps again for another species, opacity or method (from the session's comparison;
-        no model runs). `values`: the view controls and the set, by component."""
-        page = self.page
-        view = page.view_from(values)
-        set_name = values[page.set_state]
-        comparison = self.cache.get(session_of(request), set_name)
-        if comparison is None:  # nothing compared yet (or forgotten): just remember the view
-            return {page.view_state: view}
-        engine = self.sets.get(set_name)  # loaded: a set's results are forgotten when it leaves memory
-        return {**self._maps(engine, comparison, view), **self._notes(engine, comparison, view), page.view_state: view}
-
-    def _maps(self, engine: Engine, comparison: Comparison, view: View) -> Updates:
-        """Every model's overlay file (None when it has no result or its map fails)."""
-        updates: Updates = {}
-        for key, column in self.page.columns.items():
             try:
-                updates[column.overlay] = self.files.image(draw_overlay(engine, comparison, key, view))
+                drawn = engine.overlay(comparison, key, opacity=DEFAULT_OPACITY) if key in comparison.answered else None
+                updates[column.overlay] = self.files.image(drawn) if drawn is not None else None
             except Exception:  # noqa: BLE001 - one broken map must not hide the others
                 log.exception("overlay of %s failed", key)
                 updates[column.overlay] = None
-        return updates
+        return {**updates, page.answer: comparison.to_json()}
 
-    def _notes(self, engine: Engine | None, comparison: Comparison | None, view: View) -> Updates:
-        """The note under every map and every parts gallery ("" and [] without a comparison)."""
-        updates: Updates = {}
-        for key, column in self.page.columns.items():
-            updates[column.note] = map_caption(engine, comparison, key, view) if engine else ""
-            if column.parts is not None:
-                parts = map_parts(engine, comparison, key, view) if engine else []
-                updates[column.parts] = [(self.files.image(image, "pair_"), caption) for caption, image in parts]
-        return updates
+    def show(self, image: Any, set_name: str, request: gr.Request):
+        """The browser's comparison, one event: the answer, every widget, and each model's maps as
+        data (maps.js draws them). A gradient map answers first for the likely classes; the rest
+        follows in a second update of the same event."""
+        first, engine, comparison = TORCH_THREAD.call(self._show, image, set_name, session_of(request))
+        yield first
+        if comparison is not None and any(needs_more(engine, comparison, key) for key in self.page.columns):
+            yield TORCH_THREAD.call(self._complete_maps, engine, comparison)
+
+    def _show(self, image: Any, set_name: str, session: str) -> tuple[Updates, Engine | None, Comparison | None]:
+        page = self.page
+        engine, comparison, problem = self._comparison(image, set_name, session)
+        updates: Updates = {page.species: gr.update(value=PREDICTED), page.test_verdict: "", page.test_plot: None}
+        if problem:
+            error_answer(problem)
+            return {**updates, page.answer: {"error": problem}, **dict.fromkeys(page.maps),
+                    **{c.label: None for c in page.columns.values()}, page.ensemble: None, page.agree: ""}, None, None
+        updates |= {page.answer: comparison.to_json(), page.ensemble: top5(comparison, ENSEMBLE_KEY),
+                    page.agree: agreement(comparison),
+                    page.rather: gr.update(choices=rather_choices(comparison, engine.classes), value=NOTHING)}
+        for key, column in page.columns.items():
+            updates[column.header] = column_header(engine, key, comparison)
+            updates[column.label] = top5(comparison, key)
+            updates[column.maps] = self._model_maps(engine, comparison, key, every_class=False)
+        return updates, engine, comparison
+
+    def _model_maps(self, engine: Engine, comparison: Comparison, key: str, **kwargs: Any) -> dict | None:
+        try:
+            return model_maps(engine, comparison, key, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - one broken map must not hide the others
+            log.exception("maps of %s failed", key)
+            return {"error": f"This map could not be drawn ({type(exc).__name__})."}
+
+    def _complete_maps(self, engine: Engine, comparison: Comparison, extra: int | None = None) -> Updates:
+        """The maps of every model whose first answer left classes out, for every class (and
+        rather than class `extra` too)."""
+        against = rivals(comparison) + ([extra] if extra is not None and extra not in rivals(comparison) else [])
+        return {column.maps: self._model_maps(engine, comparison, key, against=against)
+                for key, column in self.page.columns.items() if needs_more(engine, comparison, key)}
+
+    @on_torch_thread
+    def contrast(self, rather: str, set_name: str, request: gr.Request) -> Updates:
+        """A "rather than" species that the maps have no contrast for yet: the gradient maps for it
+        (the linear ones are drawn in the browser at once)."""
+        comparison = self.cache.get(session_of(request), set_name)
+        index = rather_index(comparison, rather) if comparison is not None else None
+        if index is None or index in rivals(comparison):
+            return gr.skip()
+        return self._complete_maps(self.sets.get(set_name), comparison, extra=index)
+
+    def pick_species(self, choice: gr.SelectData, set_name: str) -> Updates:
+        """A click on a species in a model's top 5: show the maps for it."""
+        engine = self._engine(set_name)
+        by_name = {display_name(c): c for c in engine.classes} if engine else {}
+        value = choice.value if isinstance(choice.value, str) else None
+        return {self.page.species: gr.update(value=by_name[value])} if value in by_name else gr.skip()
+
+    @on_torch_thread
+    def test_maps(self, image: Any, species: str, set_name: str, request: gr.Request) -> Updates:
+        """Test how faithful each model's explanation map is on a photo (the deletion test:
+        remove the pixels the map marks as most important, 10 % at a time, and watch the model's
+        probability of the species fall; the faster it falls, the more faithful the map).
+
+        Args:
+            image: a photo of one bird (a file path or URL).
+            species: the species to test the maps for, as a class folder name; "" for each
+                model's own top guess.
+
+        Returns:
+            A table of the probability curves (columns removed, probability, model) and one
+            sentence saying which map held up best (the lowest area under its curve).
+        """
+        from birdfg.faithfulness import deletion_test
+
+        page = self.page
+        session = session_of(request)
+        comparison = self.cache.get(session, set_name)
+        engine = self._engine(set_name)
+        if comparison is None or engine is None or not image:  # the API, or a forgotten session
+            engine, comparison, problem = self._comparison(image, set_name, session)
+            if problem:
+                gr.Warning(problem)
+                return {page.test_plot: None, page.test_verdict: f"⚠ {problem}"}
+        path = image.get("path") if isinstance(image, dict) else image
+        asked = comparison.classes.index(species) if species in comparison.classes else None
+        classes = {key: comparison.predicted(key) if asked is None else asked for key in comparison.answered}
+        curves = deletion_test(engine, comparison, open_rgb(path), classes)
+        rows = [(f, p, engine.models[key].display_name) for key, curve in curves.items()
+                for f, p in zip(curve["fractions"], curve["probs"])]
+        return {page.test_plot: pd.DataFrame(rows, columns=["removed", "probability", "model"]),
+                page.test_verdict: faithfulness_verdict(engine, comparison, curves, classes)}
 
     # --- model sets -----------------------------------------------------------------------------
 
     @on_torch_thread
-    def select_set(self, name: str, current: str, view: View, request: gr.Request) -> Updates:
+    def select_set(self, name: str, current: str, request: gr.Request) -> Updates:
         """Switch the session to set `name` (loading it if needed); results are cleared."""
         page = self.page
         try:
@@ -132,8 +204,7 @@ class Handlers:
             gr.Warning(str(exc))
             return {page.set_selector: gr.update(value=current), page.set_state: current}
         self.cache.drop(session_of(request))
-        return {page.set_selector: gr.update(value=name), page.set_state: name,
-                page.view_state: View(opacity=view.opacity), **self.set_view(name, engine)}
+        return {page.set_selector: gr.update(value=name), page.set_state: name, **self.set_view(name, engine)}
 
     def set_view(self, name: str, engine: Engine | None) -> Updates:
         """Everything that shows which set is in use, at its defaults and without results."""
@@ -142,16 +213,15 @@ class Handlers:
         updates: Updates = {
             page.status: set_status(self.sets, name, engine, problem),
             page.species: gr.update(choices=species_choices(engine.classes) if engine else [], value=PREDICTED),
-            page.ensemble: None, page.agree: "", page.answer: None,
+            page.rather: gr.update(choices=rather_choices(None, engine.classes) if engine else [], value=NOTHING),
+            page.ensemble: None, page.agree: "", page.answer: None, page.test_verdict: "", page.test_plot: None,
         }
         for key, column in page.columns.items():
             menus = map_menus(engine.methods.get(key, [])) if engine else []
             updates |= {column.header: column_header(engine, key), column.blurb: blurb(engine, key),
-                        column.label: None, column.overlay: None, column.note: ""}
+                        column.label: None, column.overlay: None, column.maps: None}
             # The page has the menus of the default set's model; another set's fill them in order.
             updates |= {menu: menu_update(menus[i] if i < len(menus) else None) for i, menu in enumerate(column.menus)}
-            if column.parts is not None:
-                updates[column.parts] = []
         report = read_report(self.sets.sources[name].folder, engine.models) if engine else None
         updates[page.report] = report.summary if report else NO_SET
         updates[page.per_class] = gr.update(value=per_class_table(report), visible=bool(report and report.per_class_rows))
@@ -169,7 +239,15 @@ class Handlers:
 
     @on_torch_thread
     def batch(self, files: list[str] | None, set_name: str) -> Updates:
-        """The `/batch` API: a table (one row per photo) and its CSV."""
+        """Identify the birds in several photos at once with the three classifiers.
+
+        Args:
+            files: bird photos (file paths or URLs), up to 64.
+
+        Returns:
+            A table with one row per photo (file, each model's top species and probability, the
+            ensemble's), and the same table as a CSV file.
+        """
         if not files:
             gr.Warning("Add some photos first (several files at once).")
             return gr.skip()

@@ -2,9 +2,9 @@
 birdfg/app/ui.py wires these components to the handlers."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import gradio as gr
 import pandas as pd
@@ -13,19 +13,43 @@ from birdfg.app.batch import MAX_BATCH
 from birdfg.app.presentation import PREDICTED, blurb, column_header, set_status, species_choices
 from birdfg.app.report import NO_SET, Report
 from birdfg.app.sets import ModelSets
-from birdfg.app.view import DEFAULT_OPACITY, Menu, View, choice_of, has_parts, map_menus
+from birdfg.app.map_data import NOTHING, RUNNER_UP, rather_choices
+from birdfg.app.view import DEFAULT_OPACITY, Menu, map_menus
 from birdfg.inference import Engine
 from birdfg.models import MODEL_KEYS
+from birdfg.overlay import TURBO
 
 TITLE = "birdfg — three bird classifiers, side by side"
 INTRO = """# birdfg: which bird is it, and why does each model think so?
 Drop a bird photo (or paste one, or use the webcam). A **CNN**, a **vision transformer** and a
 **bilinear CNN** each name the species and show where on the photo they looked."""
 HOWTO = """**How to read the maps.** Warm colours mark the places that pushed the model towards the
-species named above the map; the dimmed border is the part of the photo the model never saw
-(centre crop). Pick another species below to ask *"why not this one?"* — the maps change, the
-models do not run again."""
-PARTS_LABEL = "What adds most to the species (the map's largest terms)"
+species named under the map; the dimmed border is the part of the photo the model never saw
+(centre crop). Pick another species to ask *"why this one?"*, or a species to contrast with
+(*"why X rather than Y?"*); clicking a species in a model's top 5 shows its maps too. The maps
+are redrawn in your browser: the models do not run again."""
+MAPS_JS = (Path(__file__).with_name("maps.js")).read_text()
+MAP_SIDE = 512  # longer side of a drawn map, in canvas pixels
+PARTS_SIDE = 160
+MAP_TEMPLATE = """<div class="birdmap" id="map-${model}" data-rendered="0">
+<canvas class="birdmap-canvas" role="img" hidden></canvas>
+<div class="birdmap-buttons"><button type="button" data-act="download" title="Download this map as a PNG">Download</button>
+<button type="button" data-act="fullscreen" title="Show this map full screen">Fullscreen</button></div>
+<p class="birdmap-caption" aria-live="polite"></p>
+<div class="birdmap-parts" hidden aria-label="What adds most to the species (the map's largest terms)"></div>
+</div>"""
+MAP_CSS = """
+.birdmap canvas.birdmap-canvas { width: 100%; height: auto; max-height: 340px; object-fit: contain;
+  border-radius: 8px; display: block; margin: 0 auto; }
+.birdmap-buttons { display: flex; gap: 0.5em; justify-content: flex-end; margin-top: 0.3em; }
+.birdmap-buttons button { font-size: 0.8em; padding: 0.1em 0.6em; border-radius: 6px;
+  border: 1px solid var(--border-color-primary); background: var(--block-background-fill); cursor: pointer; }
+.birdmap-caption { min-height: 2.6em; font-size: 0.92em; margin: 0.3em 0; }
+.birdmap-parts { display: grid; grid-template-columns: repeat(2, 1fr); gap: 0.4em; }
+.birdmap-parts figure { margin: 0; }
+.birdmap-parts canvas { width: 100%; height: auto; border-radius: 6px; }
+.birdmap-parts figcaption { font-size: 0.75em; text-align: center; }
+"""
 CSS = """
 .bird-col { border-radius: 14px !important; }
 .bird-col .prose h3 { margin-bottom: 0.1em; }
@@ -44,23 +68,26 @@ class ModelColumn:
     key: str
     header: gr.Markdown
     blurb: gr.Markdown
-    overlay: gr.Image
-    note: gr.Markdown
+    maps: gr.HTML  # the map, drawn in the browser from data (birdfg/app/maps.js)
+    overlay: gr.Image  # the map drawn on the server, for `/compare` (hidden: clients that are not browsers)
     label: gr.Label
     menus: list[gr.Dropdown] = field(default_factory=list)
-    parts: gr.Gallery | None = None
 
 
 @dataclass
 class Page:
     set_state: gr.State
-    view_state: gr.State
     set_selector: gr.Dropdown
     status: gr.Markdown
     photo: gr.Image
     compare_button: gr.Button
+    api_compare: gr.Button  # hidden: the trigger of the `/compare` API event
     species: gr.Dropdown
+    rather: gr.Dropdown
     opacity: gr.Slider
+    test_button: gr.Button
+    test_plot: gr.LinePlot
+    test_verdict: gr.Markdown
     examples: gr.Examples | None
     columns: dict[str, ModelColumn]
     ensemble: gr.Label
@@ -79,8 +106,8 @@ class Page:
         return [c.overlay for c in self.columns.values()]
 
     @property
-    def parts(self) -> list[gr.Gallery]:
-        return [c.parts for c in self.columns.values() if c.parts is not None]
+    def maps(self) -> list[gr.HTML]:
+        return [c.maps for c in self.columns.values()]
 
     @property
     def menus(self) -> list[gr.Dropdown]:
@@ -88,16 +115,25 @@ class Page:
 
     @property
     def view_controls(self) -> list[gr.components.Component]:
-        """Everything that changes how the maps are drawn."""
-        return [self.species, self.opacity, *self.menus]
+        """Everything that changes how the maps are drawn (in the browser), in `view_layout`'s order."""
+        return [self.species, self.rather, self.opacity, *self.menus]
 
-    def view_from(self, values: dict[Any, Any]) -> View:
-        """The view that the controls' values (component -> value) ask for."""
-        return View(values.get(self.species) or PREDICTED, float(values.get(self.opacity, DEFAULT_OPACITY)),
-                    {key: choice_of([values.get(m) for m in c.menus]) for key, c in self.columns.items() if c.menus})
+    def view_layout(self) -> str:
+        """Where maps.js finds each setting in the values of `view_controls` (JSON)."""
+        menus, at = {}, 3
+        for key, column in self.columns.items():
+            menus[key] = list(range(at, at + len(column.menus)))
+            at += len(column.menus)
+        return json.dumps({"species": 0, "rather": 1, "opacity": 2, "menus": menus})
 
 
-def menu_update(menu: Menu | None) -> dict[str, Any]:
+TEST_INTRO = """Removes the pixels each model's map marks as most important, 10 % at a time (grey, the
+dataset's mean colour), and records how fast the model's belief in the species drops: a faithful
+map makes it drop fast (the deletion test of RISE, Petsiuk et al. 2018). Each model's default map,
+for the species shown above."""
+
+
+def menu_update(menu: Menu | None) -> dict:
     """A menu component showing `menu` at its default (hidden when the set has no such menu)."""
     if menu is None:
         return gr.update(visible=False)
@@ -115,7 +151,6 @@ def build_page(sets: ModelSets, engine: Engine | None, problem: str | None, repo
     """The page's components, inside an open gr.Blocks, showing the default set (`engine`; None
     when it could not load, `problem` says why)."""
     set_state = gr.State(sets.default)
-    view_state = gr.State(View())
     with gr.Row(equal_height=True):
         with gr.Column(scale=4):
             gr.Markdown(INTRO, elem_id="intro")
@@ -130,12 +165,17 @@ def build_page(sets: ModelSets, engine: Engine | None, problem: str | None, repo
                 photo = gr.Image(type="filepath", sources=["upload", "clipboard", "webcam"],
                                  label="Your bird photo", height=330, elem_id="photo")
                 compare_button = gr.Button("Compare again", variant="primary")
+                api_compare = gr.Button(visible=False)
             with gr.Column(scale=3, min_width=300):
                 gr.Markdown(HOWTO)
-                species = gr.Dropdown(species_choices(engine.classes) if engine else [], value=PREDICTED,
-                                      label="Show the maps for", interactive=True, elem_id="species",
-                                      info="Each model's own top guess, or any species you choose.")
-                opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Map opacity")
+                with gr.Row():
+                    species = gr.Dropdown(species_choices(engine.classes) if engine else [], value=PREDICTED,
+                                          label="Show the maps for", interactive=True, elem_id="species",
+                                          info="Each model's own top guess, or any species you choose.")
+                    rather = gr.Dropdown(rather_choices(None, engine.classes) if engine else [], value=NOTHING,
+                                         label="…rather than", interactive=True, elem_id="rather",
+                                         info="Contrast: what favours the species above over this one.")
+                opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Map opacity", elem_id="opacity")
                 example_set = None
                 if examples:
                     example_set = gr.Examples([[str(p)] for p in examples], inputs=[photo],
@@ -146,6 +186,12 @@ def build_page(sets: ModelSets, engine: Engine | None, problem: str | None, repo
             ensemble = gr.Label(num_top_classes=5, label="Ensemble (mean of the three softmaxes)", scale=2,
                                 elem_id="label-ensemble")
             agree = gr.Markdown(elem_id="agree")
+        with gr.Accordion("Test the maps on this photo", open=False, elem_id="test-maps"):
+            gr.Markdown(TEST_INTRO)
+            test_button = gr.Button("Test the maps", elem_id="test-button")
+            test_verdict = gr.Markdown(elem_id="test-verdict")
+            test_plot = gr.LinePlot(x="removed", y="probability", color="model", x_title="share of the photo removed",
+                                    y_title="probability of the species", elem_id="test-plot", height=260)
         with gr.Accordion("API answer (JSON, as `/compare` returns it)", open=False):
             answer = gr.JSON(label="/compare", elem_id="answer")
 
@@ -166,9 +212,9 @@ def build_page(sets: ModelSets, engine: Engine | None, problem: str | None, repo
         confusion = gr.Gallery(report.confusion if report else [], label="Confusion matrices (val)", columns=3,
                                height=420, object_fit="contain", visible=bool(report and report.confusion))
 
-    return Page(set_state, view_state, set_selector, status, photo, compare_button, species, opacity, example_set,
-                columns, ensemble, agree, answer, batch_files, batch_button, batch_csv, batch_table, report_md,
-                per_class, confusion)
+    return Page(set_state, set_selector, status, photo, compare_button, api_compare, species, rather, opacity,
+                test_button, test_plot, test_verdict, example_set, columns, ensemble, agree, answer, batch_files,
+                batch_button, batch_csv, batch_table, report_md, per_class, confusion)
 
 
 def _model_column(key: str, engine: Engine | None) -> ModelColumn:
@@ -177,10 +223,12 @@ def _model_column(key: str, engine: Engine | None) -> ModelColumn:
     with gr.Column(variant="panel", elem_classes=["bird-col"], min_width=260, elem_id=f"col-{key}"):
         header = gr.Markdown(column_header(engine, key))
         text = gr.Markdown(blurb(engine, key), elem_classes=["blurb"])
-        overlay = gr.Image(label=f"{key} explanation", show_label=False, type="filepath", interactive=False,
-                           height=300, elem_id=f"overlay-{key}", buttons=["download", "fullscreen"])
-        note = gr.Markdown(elem_classes=["map-note"])
-        label = gr.Label(num_top_classes=5, label="Top 5", elem_id=f"label-{key}")
+        maps = gr.HTML(None, html_template=MAP_TEMPLATE, css_template=MAP_CSS, js_on_load=MAPS_JS,
+                       model=key, turbo=TURBO.tolist(), opacity=DEFAULT_OPACITY, runner_up_value=RUNNER_UP,
+                       side=MAP_SIDE, parts_side=PARTS_SIDE, elem_id=f"maps-{key}", apply_default_css=False)
+        overlay = gr.Image(label=f"{key} explanation", type="filepath", interactive=False, visible=False,
+                           elem_id=f"overlay-{key}")
+        label = gr.Label(num_top_classes=5, label="Top 5 (click one to see its maps)", elem_id=f"label-{key}")
         menus = []
         if menu_specs := map_menus(methods):
             with gr.Row():
@@ -190,11 +238,7 @@ def _model_column(key: str, engine: Engine | None) -> ModelColumn:
                                          elem_classes=["map-view"]))
                 menus += [gr.Dropdown(m.choices, value=m.default, label=m.label, interactive=True, min_width=100,
                                       elem_classes=["map-option"]) for m in extras]
-        parts = None
-        if methods and has_parts(methods[0]):
-            parts = gr.Gallery(label=PARTS_LABEL, columns=2, height="auto", object_fit="contain",
-                               elem_id=f"parts-{key}", elem_classes=["map-parts"])
-    return ModelColumn(key, header, text, overlay, note, label, menus, parts)
+    return ModelColumn(key, header, text, maps, overlay, label, menus)
 
 
 def theme() -> gr.themes.Base:

@@ -94,3 +94,16 @@ def set_status(sets: ModelSets, name: str | None, engine: Engine | None, problem
     if problem:
         lines.append(f"⚠ {problem}")
     return "\n\n".join(lines)
+
+
+def faithfulness_verdict(engine: Engine, comparison: Comparison, curves: dict[str, dict], classes: dict[str, int]) -> str:
+    """One sentence on a photo's deletion test: whose map held up best (the lowest area under
+    the probability curve), with every model's area."""
+    if not curves:
+        return "⚠ No model could be tested on this photo."
+    ranked = sorted(curves, key=lambda key: curves[key]["auc"])
+    best = ranked[0]
+    areas = " · ".join(f"{engine.models[k].display_name} ({display_name(comparison.classes[classes[k]])}): "
+                       f"{curves[k]['auc']:.3f}" for k in ranked)
+    return (f"**{engine.models[best].display_name}'s map held up best**: removing what it marks as important "
+            f"lowered its belief fastest. Area under each curve (lower = more faithful): {areas}.")

@@ -3,13 +3,15 @@
 Events
 - `/compare` (API): one image (filepath) -> the JSON answer
   `{"models": {key: {"name", "top5", "latency_ms"[, "error"]}}, "ensemble": {"top5"}, "agree"}`,
-  then one overlay per model in `MODEL_KEYS` order (None for a model that failed).
-  Bad input never raises: the JSON is `{"error": "<what is wrong and what to do>"}`, the overlays
-  are None, and the browser shows the same message as a warning toast.
-- Species, opacity and each model's map menus re-render the maps from the session's last
-  comparison (kept server-side, see session.py); no model runs again.
-- `/batch` (API): photos -> a table and its CSV. The model-set selector and the Models tab
-  (the stored evaluation report) are private.
+  then one overlay per model in `MODEL_KEYS` order (None for a model that failed), drawn on the
+  server. Bad input never raises: the JSON is `{"error": "<what is wrong and what to do>"}`, the
+  overlays are None, and the browser shows the same message as a warning toast.
+- The browser's comparison is a private event of its own: the same answer, every widget, and
+  each model's maps as data, which birdfg/app/maps.js draws on a canvas over the photo. Species,
+  "rather than", opacity and each model's map menus then redraw in the page with no request.
+- `/faithfulness` (API): photo and species -> the deletion test of each model's map (a plot
+  and one sentence). `/batch` (API): photos -> a table and its CSV. The model-set selector and
+  the Models tab (the stored evaluation report) are private.
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
         problem = str(exc)
         log.error(problem)
     report = read_report(sets.sources[sets.default].folder, engine.models) if engine else None
-    # Uploaded photos and drawn maps pile up in Gradio's cache: drop the old ones regularly.
+    # Uploaded photos and the API's drawn maps pile up in Gradio's cache: drop the old ones regularly.
     keep_s = max(int(output_files.keep_s), 1)
     with gr.Blocks(title=TITLE, delete_cache=(min(keep_s, 600), keep_s)) as demo:
         page = build_page(sets, engine, problem, report, examples or [])
@@ -61,28 +63,39 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
 def wire(demo: gr.Blocks, page: Page, handlers: Handlers) -> None:
     """Connect the page's events to the handlers."""
     columns = page.columns.values()
-    compare = dict(fn=handlers.compare, inputs=[page.photo, page.set_state, page.view_state],
-                   outputs=[page.answer, *page.overlays, page.view_state],  # gr.State is not part of the API
-                   preprocess=False,  # the handler opens the file itself: bad uploads get a clear message
-                   concurrency_id=MODELS, concurrency_limit=1)
-    details = dict(fn=handlers.details, inputs=[page.set_state, page.view_state],
-                   outputs=[*(c.header for c in columns), *(c.label for c in columns), *(c.note for c in columns),
-                            *page.parts, page.ensemble, page.agree, page.species],
-                   api_visibility="private", show_progress="hidden")
-    gr.on([page.photo.upload, page.compare_button.click], api_name="compare", **compare).then(**details)
+    # The API: one photo in, the JSON answer and one server-drawn overlay per model out.
+    page.api_compare.click(handlers.compare, inputs=[page.photo, page.set_state], outputs=[page.answer, *page.overlays],
+                           api_name="compare", preprocess=False,  # the handler opens the file: clear messages
+                           concurrency_id=MODELS, concurrency_limit=1)
+    # The browser: one event per comparison; the maps come as data and are drawn in the page.
+    show = dict(fn=handlers.show, inputs=[page.photo, page.set_state],
+                outputs=[page.answer, page.species, page.rather, page.ensemble, page.agree, page.test_verdict,
+                         page.test_plot, *page.maps, *(c.header for c in columns), *(c.label for c in columns)],
+                preprocess=False, api_visibility="private", concurrency_id=MODELS, concurrency_limit=1,
+                show_progress="minimal")
+    gr.on([page.photo.upload, page.compare_button.click], **show)
     if page.examples is not None:
-        page.examples.load_input_event.then(api_visibility="private", **compare).then(**details)
+        page.examples.load_input_event.then(**show)
+    page.photo.clear(None, outputs=page.maps, js=f"() => [{', '.join(['null'] * len(page.maps))}]")
 
-    gr.on([page.species.input, page.opacity.release, *(menu.input for menu in page.menus)], handlers.rerender,
-          inputs={*page.view_controls, page.set_state},  # a set: the handler gets {component: value}
-          outputs=[*page.overlays, *(c.note for c in columns), *page.parts, page.view_state],
-          api_visibility="private", show_progress="minimal")
+    # Species, contrast, opacity and map menus redraw in the browser, without a request.
+    gr.on([control.change for control in page.view_controls], None, inputs=page.view_controls,
+          js=f"(...values) => {{ window.birdfg?.setControls({page.view_layout()}, values); return []; }}")
+    # A contrast the gradient maps were not sent for: the server adds it (the rest is drawn at once).
+    page.rather.change(handlers.contrast, [page.rather, page.set_state], page.maps, api_visibility="private",
+                       show_progress="hidden", concurrency_id=MODELS, concurrency_limit=1)
+    for column in columns:
+        column.label.select(handlers.pick_species, [page.set_state], [page.species], api_visibility="private",
+                            show_progress="hidden")
+    page.test_button.click(handlers.test_maps, [page.photo, page.species, page.set_state],
+                           [page.test_plot, page.test_verdict], api_name="faithfulness", preprocess=False,
+                           concurrency_id=MODELS, concurrency_limit=1)
 
-    set_outputs = [page.set_selector, page.set_state, page.view_state, page.status, page.species, *page.menus,
+    set_outputs = [page.set_selector, page.set_state, page.status, page.species, page.rather, *page.menus,
                    *(c.header for c in columns), *(c.blurb for c in columns), *(c.label for c in columns),
-                   *page.overlays, *(c.note for c in columns), *page.parts, page.ensemble, page.agree,
-                   page.answer, page.report, page.per_class, page.confusion]
-    page.set_selector.input(handlers.select_set, [page.set_selector, page.set_state, page.view_state], set_outputs,
+                   *page.overlays, *page.maps, page.ensemble, page.agree, page.answer, page.test_verdict,
+                   page.test_plot, page.report, page.per_class, page.confusion]
+    page.set_selector.input(handlers.select_set, [page.set_selector, page.set_state], set_outputs,
                             api_visibility="private", concurrency_id=MODELS, concurrency_limit=1)
     page.batch_button.click(handlers.batch, [page.batch_files, page.set_state], [page.batch_table, page.batch_csv],
                             api_name="batch", concurrency_id=MODELS, concurrency_limit=1)

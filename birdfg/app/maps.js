@@ -1,0 +1,218 @@
+// birdfg's maps, drawn in the browser: the js_on_load of each model's map component (gr.HTML).
+// `element`, `props` and `watch` come from Gradio. The server sends each model's maps as data
+// (birdfg/app/map_data.py); the photo is the one already in the photo box (#photo img). The
+// view (species, "rather than", opacity, each model's map menus) lives in window.birdfg.view;
+// the page's controls change it without any request (birdfg/app/ui.py wires them).
+const birdfg = (window.birdfg = window.birdfg || {
+  maps: {},
+  view: { species: "", rather: "", opacity: props.opacity, menus: {} },
+});
+
+if (!birdfg.setControls) {
+  const RUNNER_UP = props.runner_up_value;
+
+  birdfg.setControls = (layout, values) => {
+    // values: the controls' values in the order ui.py lists them (see `layout`).
+    const view = birdfg.view;
+    view.species = values[layout.species] || "";
+    view.rather = values[layout.rather] || "";
+    view.opacity = Number(values[layout.opacity]);
+    for (const [key, where] of Object.entries(layout.menus)) view.menus[key] = where.map((i) => values[i]);
+    for (const map of Object.values(birdfg.maps)) map.redraw();
+  };
+
+  birdfg.decode = (text) => {
+    const bytes = Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
+    return new Float32Array(bytes.buffer);
+  };
+
+  const parse = (value) => {
+    // A menu value: "method" or "method:option=<json>" (birdfg/app/view.py).
+    if (!value) return [null, null, undefined];
+    const colon = value.indexOf(":");
+    if (colon < 0) return [value, null, undefined];
+    const setting = value.slice(colon + 1);
+    const eq = setting.indexOf("=");
+    try {
+      return [value.slice(0, colon), setting.slice(0, eq), JSON.parse(setting.slice(eq + 1))];
+    } catch (e) {
+      return [null, null, undefined];
+    }
+  };
+
+  const optionsKey = (options) => {
+    const sorted = {};
+    for (const name of Object.keys(options).sort()) sorted[name] = options[name];
+    return JSON.stringify(sorted);
+  };
+
+  const markdown = (text) =>
+    text.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/\*\*(.+?)\*\*/g, "<strong>$1</strong>");
+
+  // What one model's map shows under the current view: {grid, caption, parts, pending}.
+  birdfg.resolve = (data, view) => {
+    let x = view.species ? data.classes.indexOf(view.species) : data.own;
+    if (x < 0) x = data.own;
+    let y = null;
+    if (view.rather === RUNNER_UP) y = data.runner_up;
+    else if (view.rather) y = data.classes.indexOf(view.rather);
+    if (y === x || y < 0) y = null;
+
+    const menus = view.menus[data.key] || [];
+    let [name, option, value] = parse(menus[0]);
+    if (!data.methods[name]) [name, option] = [data.default, null];
+    const method = data.methods[name];
+    const options = Object.assign({}, method.defaults);
+    if (option) options[option] = value;
+    for (const extra of menus.slice(1)) {
+      const [of, opt, val] = parse(extra);
+      if (of === name && opt) options[opt] = val;
+    }
+    const shown = method.views[optionsKey(options)] || Object.values(method.views)[0];
+
+    let grid, pending = false, caption;
+    const cells = data.grid[0] * data.grid[1];
+    if (!method.class_specific) {
+      grid = birdfg.decode(shown.map);
+      caption = shown.caption;
+    } else {
+      if (method.linear) {
+        const all = birdfg.decode(shown.all);
+        grid = all.slice(x * cells, (x + 1) * cells);
+        if (y !== null) {
+          const other = all.subarray(y * cells, (y + 1) * cells);
+          for (let i = 0; i < cells; i++) grid[i] -= other[i];
+        }
+      } else {
+        let found = shown.maps[y === null ? `${x}` : `${x}-${y}`];
+        if (!found) {
+          pending = true;  // the server sends it (the rest of the classes, or a new contrast)
+          found = shown.maps[`${x}`] || shown.maps[`${data.own}`];
+          y = shown.maps[`${x}`] ? null : y;
+        }
+        grid = birdfg.decode(found);
+      }
+      const own = x === data.own;
+      const template = method.captions[y === null ? (own ? "own" : "plain") : (own ? "own_rather" : "rather")];
+      caption = template.replace("{species}", data.names[x]).replace("{rather}", y === null ? "" : data.names[y]);
+      if (pending) caption += " (the rest of this map is on its way)";
+    }
+    const parts = name === data.default && data.parts ? data.parts[String(x)] || [] : [];
+    return { grid, caption: markdown(caption), parts, pending };
+  };
+
+  // Normalised grid -> Turbo colours, upsampled bilinearly over the box, blended at `opacity`.
+  const heat = (ctx, grid, rows, cols, box, opacity) => {
+    let lo = Infinity, hi = -Infinity;
+    for (const v of grid) { if (v < lo) lo = v; if (v > hi) hi = v; }
+    const span = hi > lo ? hi - lo : 1;
+    const [left, top, width, height] = box.map(Math.round);
+    if (width < 1 || height < 1) return;
+    const image = ctx.createImageData(width, height);
+    const lut = props.turbo;
+    for (let py = 0; py < height; py++) {
+      const gy = Math.min(Math.max(((py + 0.5) / height) * rows - 0.5, 0), rows - 1);
+      const y0 = Math.floor(gy), y1 = Math.min(y0 + 1, rows - 1), fy = gy - y0;
+      for (let px = 0; px < width; px++) {
+        const gx = Math.min(Math.max(((px + 0.5) / width) * cols - 0.5, 0), cols - 1);
+        const x0 = Math.floor(gx), x1 = Math.min(x0 + 1, cols - 1), fx = gx - x0;
+        const v = (grid[y0 * cols + x0] * (1 - fx) + grid[y0 * cols + x1] * fx) * (1 - fy)
+                + (grid[y1 * cols + x0] * (1 - fx) + grid[y1 * cols + x1] * fx) * fy;
+        const c = lut[Math.min(255, Math.max(0, Math.round(((v - lo) / span) * 255)))];
+        const o = (py * width + px) * 4;
+        image.data[o] = c[0]; image.data[o + 1] = c[1]; image.data[o + 2] = c[2]; image.data[o + 3] = 255;
+      }
+    }
+    const layer = document.createElement("canvas");
+    layer.width = width; layer.height = height;
+    layer.getContext("2d").putImageData(image, 0, 0);
+    ctx.globalAlpha = Math.min(Math.max(opacity, 0), 1);
+    ctx.drawImage(layer, left, top);
+    ctx.globalAlpha = 1;
+  };
+
+  // The photo, dimmed outside the part the model saw, with the map over that part.
+  birdfg.paint = (canvas, photo, data, grid, opacity, side) => {
+    const scale = Math.min(1, side / Math.max(photo.naturalWidth, photo.naturalHeight));
+    canvas.width = Math.max(1, Math.round(photo.naturalWidth * scale));
+    canvas.height = Math.max(1, Math.round(photo.naturalHeight * scale));
+    const ctx = canvas.getContext("2d");
+    ctx.drawImage(photo, 0, 0, canvas.width, canvas.height);
+    const [l, t, r, b] = [data.box[0] * canvas.width, data.box[1] * canvas.height,
+                          data.box[2] * canvas.width, data.box[3] * canvas.height];
+    ctx.fillStyle = "rgba(0, 0, 0, 0.35)";  // what the model did not see, at 65 % (as overlay.py)
+    ctx.fillRect(0, 0, canvas.width, Math.max(t, 0));
+    ctx.fillRect(0, b, canvas.width, canvas.height - b);
+    ctx.fillRect(0, Math.max(t, 0), Math.max(l, 0), Math.min(b, canvas.height) - Math.max(t, 0));
+    ctx.fillRect(r, Math.max(t, 0), canvas.width - r, Math.min(b, canvas.height) - Math.max(t, 0));
+    heat(ctx, grid, data.grid[0], data.grid[1], [l, t, r - l, b - t], opacity);
+  };
+}
+
+// --- this model's map component ---------------------------------------------------------------
+(() => {
+  const key = props.model;
+  let rendered = 0;
+  let drawing = Promise.resolve();
+
+  const photo = () => document.querySelector("#photo img");
+
+  const draw = async () => {
+    const root = element.querySelector(".birdmap");
+    if (!root) return;
+    const canvas = root.querySelector("canvas.birdmap-canvas");
+    const caption = root.querySelector(".birdmap-caption");
+    const parts = root.querySelector(".birdmap-parts");
+    const data = props.value;
+    const image = photo();
+    if (!data || !data.methods || !image) {
+      canvas.width = canvas.height = 0;
+      canvas.hidden = true;
+      caption.innerHTML = data && data.error ? data.error : "";
+      parts.replaceChildren();
+      root.dataset.rendered = String(++rendered);
+      return;
+    }
+    if (!image.complete || !image.naturalWidth) await image.decode().catch(() => {});
+    const shown = birdfg.resolve(data, birdfg.view);
+    canvas.hidden = false;
+    birdfg.paint(canvas, image, data, shown.grid, birdfg.view.opacity, props.side);
+    caption.innerHTML = shown.caption;
+    canvas.setAttribute("aria-label", caption.textContent);
+    parts.replaceChildren(...shown.parts.map(([text, encoded]) => {
+      const figure = document.createElement("figure");
+      const small = document.createElement("canvas");
+      birdfg.paint(small, image, data, birdfg.decode(encoded), 0.6, props.parts_side);
+      const label = document.createElement("figcaption");
+      label.textContent = text;
+      small.setAttribute("aria-label", `Channel pair ${text}`);
+      figure.append(small, label);
+      return figure;
+    }));
+    parts.hidden = shown.parts.length === 0;
+    root.dataset.rendered = String(++rendered);
+  };
+
+  const redraw = () => (drawing = drawing.then(draw, draw));
+  birdfg.maps[key] = { redraw };
+
+  element.addEventListener("click", (event) => {
+    const button = event.target.closest("button[data-act]");
+    const canvas = element.querySelector("canvas.birdmap-canvas");
+    if (!button || !canvas || canvas.hidden) return;
+    if (button.dataset.act === "download") {
+      canvas.toBlob((blob) => {
+        const link = document.createElement("a");
+        link.href = URL.createObjectURL(blob);
+        link.download = `birdfg-${key}.png`;
+        link.click();
+        setTimeout(() => URL.revokeObjectURL(link.href), 10_000);
+      }, "image/png");
+    } else if (button.dataset.act === "fullscreen") {
+      canvas.requestFullscreen?.();
+    }
+  });
+
+  watch("value", redraw);
+  redraw();
+})();
