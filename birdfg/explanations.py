@@ -276,10 +276,11 @@ class AttentionRelevance(Explanation):
         if attention_layers(model.backbone):  # attention in the backbone: run it from the photo
             if evidence.inputs is None:
                 raise ValueError("this model's relevance needs the photo's input tensor (Evidence.inputs)")
-            return model(evidence.inputs)
+            return model(evidence.inputs.clone())
         # The attention is in the head: it runs again from the features the head scored (the
-        # gradient stops at the attention matrices, so nothing before the head is needed).
-        return model.head(evidence.features)
+        # gradient stops at the attention matrices, so nothing before the head is needed). A
+        # clone: the torch runner's tensors come from inference mode, which autograd refuses.
+        return model.head(evidence.features.clone())
 
 
 def explanations_of(model: nn.Module) -> list[Explanation]:

@@ -253,8 +253,8 @@ def test_sets_load_once_and_at_most_max_loaded_stay(app_checkpoints, tmp_path):
 def test_one_failing_model_shows_its_error_and_the_others_answer(model_set, sample_photo):
     import torch
 
+    from birdfg.app.map_data import model_maps
     from birdfg.app.presentation import agreement, column_header, top5
-    from birdfg.app.view import View, draw_overlay, map_caption, map_parts
     from birdfg.inference import Engine
 
     bcnn = model_set.models["bcnn"].model
@@ -276,9 +276,9 @@ def test_one_failing_model_shows_its_error_and_the_others_answer(model_set, samp
     assert answer["models"]["cnn"]["top5"] and answer["models"]["vit"]["top5"] and answer["ensemble"]["top5"]
     assert answer["agree"] is False
     assert "failed" in column_header(engine, "bcnn", comparison)
-    assert draw_overlay(engine, comparison, "bcnn", View()) is None
-    assert map_parts(engine, comparison, "bcnn", View()) == [] and map_caption(engine, comparison, "bcnn", View()) == ""
-    assert draw_overlay(engine, comparison, "cnn", View()).size == comparison.photo.size
+    assert model_maps(engine, comparison, "bcnn") is None  # no result, no map
+    assert model_maps(engine, comparison, "cnn")["methods"]["cam"]["views"]
+    assert engine.overlay(comparison, "cnn").size == comparison.photo.size
     assert top5(comparison, "bcnn") is None
     sentence = agreement(comparison)
     # One rule: the JSON says they do not agree, so neither does the sentence (even when the two
@@ -308,22 +308,52 @@ def test_the_agreement_sentence_follows_the_answer(model_set, sample_photo):
 
 
 def test_map_menus_come_from_the_explanation_methods(model_set):
-    """The ViT's methods (rollout, one layer with a head) become a view menu and a head menu; a
-    choice from them asks the engine for that method and options; the CNN gets no menu."""
-    from birdfg.app.view import MapChoice, choice_of, has_parts, map_menus
+    """The ViT's methods (relevance, rollout, one layer with a head) become a view menu and a
+    head menu whose values name the method and option (maps.js reads them); the CNN gets none."""
+    from birdfg.app.view import map_menus
     from birdfg.explanations import explanations_of
 
     vit = explanations_of(model_set.models["vit"].model)
     view_menu, head_menu = map_menus(vit)
-    labels = [label for label, _ in view_menu.choices]
-    assert labels[0] == "Rollout (all layers)" and "Layer 1 only" in labels
-    assert head_menu.choices[0][0] == "Mean of heads"
-    layer_1 = dict(view_menu.choices)["Layer 1 only"]
-    assert choice_of([view_menu.default, head_menu.default]) == MapChoice("rollout", {})
-    assert choice_of([layer_1, head_menu.default]) == MapChoice("layer", {"layer": 0, "head": None})
-    assert choice_of([layer_1, dict(head_menu.choices)["Head 2"]]) == MapChoice("layer", {"layer": 0, "head": 1})
+    labels = dict(view_menu.choices)
+    assert view_menu.choices[0] == ("Relevance for the species", "relevance")
+    assert labels["Rollout (all layers)"] == "rollout" and labels["Layer 1 only"] == "layer:layer=0"
+    assert head_menu.choices[0] == ("Mean of heads", "layer:head=null") and dict(head_menu.choices)["Head 2"] == "layer:head=1"
     assert map_menus(explanations_of(model_set.models["cnn"].model)) == []
-    assert [has_parts(explanations_of(model_set.models[k].model)[0]) for k in KEYS] == [False, False, True]
+
+
+def test_map_data_has_every_view_and_exact_contrasts(model_set, sample_photo):
+    """What the browser draws from: every class for the linear maps (a contrast is their
+    difference), every class and each rival for the ViT's relevance, every option combination
+    of the per-layer view, and the B-CNN's channel pairs for every class."""
+    import base64
+
+    from birdfg.app.map_data import model_maps, options_key, rivals
+    from birdfg.inference import Engine
+
+    engine = Engine(model_set, warm_up=False)
+    comparison = engine.compare(sample_photo)
+    classes = len(engine.classes)
+
+    def grids(encoded):
+        return np.frombuffer(base64.b64decode(encoded), dtype="<f4")
+
+    cnn = model_maps(engine, comparison, "cnn")
+    cam = grids(cnn["methods"]["cam"]["views"][options_key({})]["all"]).reshape(classes, *cnn["grid"])
+    np.testing.assert_allclose(cam[3] - cam[5], engine.explain(comparison, "cnn", 3, rather=5), rtol=1e-5, atol=1e-6)
+    vit = model_maps(engine, comparison, "vit")
+    relevance = vit["methods"]["relevance"]["views"][options_key({})]["maps"]
+    against = rivals(comparison)
+    assert {str(c) for c in range(classes)} <= set(relevance) and f"{vit['own']}-{against[-1]}" in relevance
+    np.testing.assert_allclose(grids(relevance[f"2-{against[0]}"]).reshape(vit["grid"]),
+                               engine.explain(comparison, "vit", 2, rather=against[0]), rtol=1e-5, atol=1e-7)
+    assert len(vit["methods"]["layer"]["views"]) == 2 * 5  # layers x (mean + 4 heads)
+    quick = model_maps(engine, comparison, "vit", every_class=False)["methods"]["relevance"]["views"][options_key({})]
+    assert str(vit["own"]) in quick["maps"] and len(quick["maps"]) < len(relevance)
+    bcnn = model_maps(engine, comparison, "bcnn")
+    assert set(bcnn["parts"]) == {str(c) for c in range(classes)} and len(bcnn["parts"]["0"]) == 4
+    left, top, right, bottom = bcnn["box"]
+    assert 0 <= left < right <= 1 and 0 <= top < bottom <= 1
 
 
 def test_result_cache_is_a_small_lru_per_session():

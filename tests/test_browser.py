@@ -1,6 +1,7 @@
 """The app in a real headless Chromium (Debian's, driven by Playwright): upload a photo, wait for
-three answers and three maps, ask for another species, look at the Models tab, switch sets.
-Saves tests/artifacts/compare.png."""
+three answers and three drawn maps, ask for another species, a contrast, another opacity and
+another view (redrawn in the page, no request), download a map, test the maps, use a phone-sized
+page, look at the Models tab, switch sets. Saves tests/artifacts/compare.png."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -56,46 +57,119 @@ def option_labels(page, dropdown: str) -> list[str]:
     return labels
 
 
-def overlay_src(page, key: str) -> str:
-    return page.locator(f"#overlay-{key} img").first.get_attribute("src")
+def rendered(page) -> list[str]:
+    """Each model's map counter (the contract: it changes whenever that map has been drawn)."""
+    return page.evaluate("keys => keys.map(k => document.querySelector('#map-' + k)?.dataset.rendered)", list(KEYS))
+
+
+def redrawn(page, before: list[str]) -> None:
+    page.wait_for_function("([keys, old]) => keys.every((k, i) => document.querySelector('#map-' + k).dataset.rendered !== old[i])",
+                           arg=[list(KEYS), before])
+
+
+def pixels(page) -> list[str]:
+    return page.evaluate("keys => keys.map(k => document.querySelector('#map-' + k + ' canvas').toDataURL())", list(KEYS))
+
+
+def caption(page, key: str) -> str:
+    return page.inner_text(f"#map-{key} .birdmap-caption")
+
+
+def drop_photo(page, photo) -> None:
+    page.locator("#photo input[type=file]").set_input_files(str(photo))
+    page.wait_for_function("keys => keys.every(k => { const m = document.querySelector('#map-' + k); "
+                           "return m && m.dataset.rendered > 0 && !m.querySelector('canvas').hidden; })", arg=list(KEYS))
 
 
 def test_upload_compare_and_ask_about_another_species(page, sample_photo):
-    page.locator("#photo input[type=file]").set_input_files(str(sample_photo))
+    requests = []
+    page.on("request", lambda r: requests.append(r.url))
+    drop_photo(page, sample_photo)
     for key in KEYS:
         page.wait_for_selector(f"#label-{key} .output-class")
-        page.wait_for_selector(f"#overlay-{key} img")
     page.wait_for_function("document.querySelector('#agree').innerText.trim().length > 0")
     top = {k: page.inner_text(f"#label-{k} .output-class").strip() for k in KEYS}
-    assert top["cnn"] in page.inner_text("#col-cnn .map-note")
+    assert top["cnn"] in caption(page, "cnn")
     agree = page.inner_text("#agree")
     assert all(name in agree for name in top.values()), agree
     if len(set(top.values())) == 1:  # the sentence says what the three labels show
         assert agree.startswith("✓ All three agree"), agree
     else:
         assert "disagree" in agree.lower() and not agree.startswith("✓"), agree
+    page.wait_for_timeout(1000)  # the ViT's remaining classes arrive in the same event
 
-    # "Why not this one?": maps for another species, without running the models again.
-    other = next(o for o in option_labels(page, "#species")[1:] if o != top["cnn"])
-    before = overlay_src(page, "cnn")
+    # "Why this one?": maps for another species, drawn in the page without any request.
+    other = next(o for o in option_labels(page, "#species")[1:] if o not in top.values())
+    before, drawn, sent = rendered(page), pixels(page), len(requests)
     choose(page, "#species", other)
-    page.wait_for_function(
-        "([sel, name]) => document.querySelector(sel).innerText.includes(name)", arg=["#col-cnn .map-note", other])
-    page.wait_for_function("([sel, old]) => document.querySelector(sel).getAttribute('src') !== old",
-                           arg=["#overlay-cnn img", before])
-    assert other in page.inner_text("#col-bcnn .map-note")
+    redrawn(page, before)
+    assert all(other in caption(page, k) for k in KEYS), [caption(page, k) for k in KEYS]
+    assert all(a != b for a, b in zip(drawn, pixels(page)))  # every map changed, the ViT's too
+    assert not [u for u in requests[sent:] if "/queue/join" in u]  # no event reached the server
     assert page.inner_text("#label-cnn .output-class").strip() == top["cnn"]  # answers unchanged
 
-    # The ViT's attention of one layer instead of the rollout (its menus come from its explanation methods).
+    # "...rather than": a contrast changes the maps again.
+    before, drawn = rendered(page), pixels(page)
+    choose(page, "#rather", "each model's runner-up")
+    redrawn(page, before)
+    assert any("rather than" in caption(page, k) for k in KEYS)
+    assert any(a != b for a, b in zip(drawn, pixels(page)))
+
+    # Opacity: redrawn in the page too.
+    before = rendered(page)
+    page.locator("#opacity input[type=number]").fill("0.9")
+    page.locator("#opacity input[type=number]").press("Enter")
+    redrawn(page, before)
+
+    # A click on a species in a top 5 shows the maps for it.
+    choose(page, "#rather", "nothing (the plain map)")
+    species = set(option_labels(page, "#species"))
+    listed = [t.strip() for t in page.locator("#label-cnn").inner_text().splitlines()]
+    runner_up = next(t for t in listed if t in species and t != top["cnn"])
+    page.locator("#label-cnn").get_by_text(runner_up, exact=True).last.click()
+    page.wait_for_function("([sel, name]) => document.querySelector(sel).innerText.includes(name)",
+                           arg=["#map-vit .birdmap-caption", runner_up])
+
+    # The ViT's attention of one layer (its menus come from its explanation methods).
     assert "Layer 1 only" in option_labels(page, "#view-vit")
     choose(page, "#view-vit", "Layer 1 only")
-    page.wait_for_function("document.querySelector('#col-vit .map-note').innerText.includes('layer 1')")
-    assert page.locator("#parts-bcnn img").count() >= 1  # B-CNN channel pairs
+    page.wait_for_function("document.querySelector('#map-vit .birdmap-caption').innerText.includes('layer 1')")
+    assert page.locator("#map-bcnn .birdmap-parts canvas").count() == 4  # B-CNN channel pairs
     assert page.locator("#col-cnn .map-view").count() == 0  # one method, no options: nothing to choose
+
+    # Download a drawn map as a PNG.
+    with page.expect_download() as download:
+        page.locator("#map-cnn button[data-act=download]").click()
+    saved = Path(download.value.path())
+    assert saved.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert page.locator(".toast-body.error").count() == 0
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
+
+
+def test_test_the_maps_draws_the_deletion_curves(page, sample_photo):
+    drop_photo(page, sample_photo)
+    page.locator("#test-maps").get_by_text("Test the maps on this photo").click()
+    page.locator("#test-button").click()
+    page.wait_for_function("document.querySelector('#test-verdict').innerText.includes('held up best')")
+    page.wait_for_selector("#test-plot canvas, #test-plot svg")
+
+
+def test_a_phone_sized_page_still_shows_the_maps(browser, app_url, sample_photo):
+    phone = browser.new_page(viewport={"width": 390, "height": 844})
+    try:
+        phone.set_default_timeout(TIMEOUT_MS)
+        phone.goto(app_url)
+        phone.wait_for_selector("#photo input[type=file]", state="attached")
+        drop_photo(phone, sample_photo)
+        widths = phone.evaluate("keys => keys.map(k => document.querySelector('#map-' + k + ' canvas').getBoundingClientRect().width)",
+                                list(KEYS))
+        assert all(100 < w <= 390 for w in widths), widths
+        assert phone.evaluate("document.documentElement.scrollWidth") <= 400  # no sideways scrolling
+        assert all(caption(phone, k) for k in KEYS)
+    finally:
+        phone.close()
 
 
 def test_models_tab_and_switching_sets(page, app_checkpoints):
