@@ -15,6 +15,7 @@ again from `Evidence.inputs`.
 """
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -219,11 +220,15 @@ class LayerAttention(_AttentionMethod):
     label = "One layer's attention"
     description = "One layer's class-token attention, mean of its heads or a single head."
 
-    def options(self) -> list[Option]:
+    @functools.cached_property
+    def _options(self) -> list[Option]:
         layers = attention_layers(self.model)
         heads = layers[0].num_heads if layers else 0
         return [Option("layer", "Layer", tuple((f"Layer {i + 1} only", i) for i in range(len(layers)))),
                 Option("head", "Head", (("Mean of heads", None), *((f"Head {h + 1}", h) for h in range(heads))))]
+
+    def options(self) -> list[Option]:
+        return self._options
 
     def _map(self, evidence: Evidence, layer: int = 0, head: int | None = None, **options: Any) -> np.ndarray:
         per_head = class_token_attention(self._recorded(evidence)[layer])[0]
@@ -247,7 +252,7 @@ class AttentionRelevance(Explanation):
 
     def grids(self, evidence: Evidence, targets: list[Target], **options: Any) -> np.ndarray:
         asked = sorted({c for target in targets for c in target if c is not None})
-        recorder = AttentionRecorder(self.model, keep_graph=True)
+        recorder = AttentionRecorder(self.model if self._attention_in_backbone else self.model.head, keep_graph=True)
         try:
             with torch.enable_grad():
                 logits = self._logits(evidence)  # (1, classes): one forward for every target
@@ -271,9 +276,13 @@ class AttentionRelevance(Explanation):
             relevance = gradient_relevance([a.detach() for a in attentions], gradients)
         return np.stack([_as_grid(r) for r in relevance])
 
+    @functools.cached_property
+    def _attention_in_backbone(self) -> bool:
+        return bool(attention_layers(self.model.backbone))
+
     def _logits(self, evidence: Evidence) -> torch.Tensor:
         model = self.model
-        if attention_layers(model.backbone):  # attention in the backbone: run it from the photo
+        if self._attention_in_backbone:  # the attention is in the backbone: run it from the photo
             if evidence.inputs is None:
                 raise ValueError("this model's relevance needs the photo's input tensor (Evidence.inputs)")
             return model(evidence.inputs.clone())
