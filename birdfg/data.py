@@ -6,12 +6,17 @@ Layout: `DIR/train_images/<class>/*.jpg`, `DIR/val_images/<class>/*.jpg`, option
 `DIR/test_images/<anything>/*.jpg`. Class names are the train folder names, sorted; the label of
 a class is its index in that list. A split file (CSV with `path`, `label` and a split column)
 can define train/val instead, so CUB's own split needs no copied photos.
+
+`python -m birdfg.data fetch --out DIR` builds such a folder from the CUB-200-2011 archive
+(birdfg/fetch.py).
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import logging
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +33,11 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLIT_DIRS = {"train": "train_images", "val": "val_images", "test": "test_images"}
+# annotations.csv, as bird_dataset has it and `fetch` writes it: `path` relative to the dataset
+# folder, `split` train/val (the folder), `cub_split` train/test (CUB's own), the photo's size and
+# the bird box in its pixels.
+ANNOTATION_COLUMNS = ("path", "split", "label", "cub_image_id", "cub_split", "width", "height",
+                      "bbox_x", "bbox_y", "bbox_w", "bbox_h")
 
 
 class DatasetError(ValueError):
@@ -231,3 +241,25 @@ def drop_unreadable(items: list[Sample], what: str) -> list[Sample]:
     bad_paths = {p for p, _ in bad}
     return [s for s in items if s.path not in bad_paths]
 
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m birdfg.data fetch ...`: dataset tools, one sub-command each."""
+    from birdfg import fetch  # it imports this module
+
+    parser = argparse.ArgumentParser(prog="python -m birdfg.data", description="Dataset tools.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fetch.add_parser(commands)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (DatasetError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    # Run as `python -m`, this file is `__main__`, a second copy of the module: its DatasetError would
+    # not be the one birdfg.fetch raises. The real module's main catches the right class.
+    from birdfg.data import main as _main
+
+    raise SystemExit(_main())
