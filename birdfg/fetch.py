@@ -80,7 +80,7 @@ def report_split_from_annotations(annotations: Path) -> list[dict[str, str]]:
     """The rows of `resources/report_split.csv` (cub_image_id, label, split), from bird_dataset's
     annotations.csv; how the shipped file was made, and what its test checks it against."""
     with open(annotations, newline="") as f:
-        rows = [{"cub_image_id": r["cub_image_id"], "label": r["label"], "split": r["split"]} for r in csv.DictReader(f)]
+        rows = [{k: r[k] for k in ("cub_image_id", "label", "split")} for r in csv.DictReader(f)]
     return sorted(rows, key=lambda r: int(r["cub_image_id"]))
 
 
@@ -117,8 +117,8 @@ def _table(text: str, file: str, fields: int) -> dict[int, list[str]]:
             continue
         values = line.split()
         if len(values) != fields + 1 or not values[0].isdigit():
-            raise FetchError(f"{ROOT_IN_ARCHIVE}{file} line {number}: expected '<id>' and {fields} value(s), got {line!r}; "
-                             "the archive is damaged: download it again.")
+            raise FetchError(f"{ROOT_IN_ARCHIVE}{file} line {number}: expected '<id>' and {fields} value(s), got "
+                             f"{line!r}; the archive is damaged: download it again.")
         table[int(values[0])] = values[1:]
     return table
 
@@ -163,8 +163,9 @@ def plan_layout(images: dict[int, CubImage], classes: str) -> list[tuple[CubImag
             else:
                 chosen.append((image, split))
         if wrong:
-            raise FetchError(f"the archive does not hold the report's photos as CUB-200-2011 publishes them: {len(wrong)} "
-                             f"of {len(chosen) + len(wrong)} differ (e.g. {wrong[0]}); use the published {ARCHIVE_NAME}.")
+            raise FetchError(f"the archive does not hold the report's photos as CUB-200-2011 publishes them: "
+                             f"{len(wrong)} of {len(chosen) + len(wrong)} differ (e.g. {wrong[0]}); use the published "
+                             f"{ARCHIVE_NAME}.")
     else:
         raise ValueError(f"classes must be one of {CLASS_CHOICES}, not {classes!r}")
     return sorted(chosen, key=lambda c: layout_path(c[0].name, c[1]))
@@ -174,8 +175,9 @@ def plan_layout(images: dict[int, CubImage], classes: str) -> list[tuple[CubImag
 
 def file_md5(path: Path, desc: str | None = None) -> str:
     digest = hashlib.md5()
-    with open(path, "rb") as raw, tqdm.wrapattr(raw, "read", total=path.stat().st_size, desc=desc or f"checking {path.name}",
-                                                unit="B", unit_scale=True, unit_divisor=1024, leave=False) as f:
+    with open(path, "rb") as raw, \
+            tqdm.wrapattr(raw, "read", total=path.stat().st_size, desc=desc or f"checking {path.name}", unit="B",
+                          unit_scale=True, unit_divisor=1024, leave=False) as f:
         while chunk := f.read(DOWNLOAD_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -199,8 +201,8 @@ def download(url: str, dest: Path, md5: str, attempts: int = DOWNLOAD_ATTEMPTS) 
         except _Dropped as exc:
             size = part.stat().st_size if part.exists() else 0
             if attempt == attempts:
-                raise FetchError(f"the download of {url} stopped {attempts} times (last: {exc}, at {size:,} bytes); run "
-                                 f"the same command again to resume from {part}, or {BY_HAND}.") from exc
+                raise FetchError(f"the download of {url} stopped {attempts} times (last: {exc}, at {size:,} bytes); "
+                                 f"run the same command again to resume from {part}, or {BY_HAND}.") from exc
             log.warning("download stopped at %s bytes (%s); resuming (attempt %d of %d)", f"{size:,}", exc, attempt + 1,
                         attempts)
     digest = file_md5(part)
@@ -280,7 +282,9 @@ def _unpack(archive: Path, staging: Path, wanted: set[str] | None) -> tuple[dict
                     texts[inner] = tar.extractfile(member).read().decode("utf-8")
                 elif inner.startswith(IMAGES_IN_ARCHIVE):
                     image_name = inner[len(IMAGES_IN_ARCHIVE):]
-                    if not _safe_image_name(image_name) or (wanted is not None and image_name.split("/")[0] not in wanted):
+                    if not _safe_image_name(image_name):
+                        continue
+                    if wanted is not None and image_name.split("/")[0] not in wanted:
                         continue
                     dest = staging / "images" / image_name
                     dest.parent.mkdir(parents=True, exist_ok=True)
