@@ -207,6 +207,13 @@ def test_download_verifies_and_builds_the_report_layout(cub, server, tmp_path):
     check_layout(out, cub)
     assert (out / "CUB_200_2011.tgz").read_bytes() == server.payload  # kept for --archive
     assert not (out / "CUB_200_2011.tgz.part").exists()
+    # Built again into the same folder: the archive there is checked and used, not downloaded.
+    shutil.rmtree(out / "train_images")
+    shutil.rmtree(out / "val_images")
+    (out / "annotations.csv").unlink()
+    assert run_fetch("--out", str(out), "--url", server.url, "--md5", cub.md5) == 0
+    assert server.ranges == [None]
+    check_layout(out, cub)
 
 
 def test_a_dropped_connection_is_resumed_with_a_range_request(cub, server, tmp_path):
