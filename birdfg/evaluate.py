@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from birdfg import layout
 from birdfg.checkpoints import load_set
-from birdfg.data import Box, DatasetError, Sample, display_name, read_boxes, samples
+from birdfg.data import Box, DatasetError, Sample, boxes_for, display_name, samples
 from birdfg.images import ImageError, open_rgb
 from birdfg.inference import Comparison, Engine
 from birdfg.models import ENSEMBLE_KEY
@@ -146,16 +146,17 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(model_set)
     try:
         items = samples(args.data, args.split, engine.classes, args.split_file)
+        if not items:
+            raise DatasetError(f"{args.split_file or args.data}: no {args.split} photos to evaluate.")
+        boxes = None
+        if args.pointing_game:
+            annotations = args.data / "annotations.csv"
+            if not annotations.exists():
+                raise DatasetError(f"--pointing-game needs {annotations} (bird boxes)")
+            boxes = boxes_for(items, annotations, args.data)
     except (DatasetError, KeyError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    boxes = None
-    if args.pointing_game:
-        annotations = args.data / "annotations.csv"
-        if not annotations.exists():
-            print(f"error: --pointing-game needs {annotations} (bird boxes)", file=sys.stderr)
-            return 2
-        boxes = read_boxes(annotations)
     report = evaluate(engine, items, args.data, args.batch_size, boxes)
     report["_meta"] = {"split": args.split, "split_file": str(args.split_file) if args.split_file else None,
                        "data": str(args.data), "checkpoints": str(args.checkpoints)}

@@ -11,7 +11,8 @@ from pathlib import Path
 from torch import nn
 
 from birdfg import checkpoints, layout
-from birdfg.data import Box, DatasetError, check_class_folders, class_names, drop_unreadable, read_boxes, samples
+from birdfg.data import (BOX_COLUMNS, Box, DatasetError, Sample, boxes_for, check_class_folders,
+                         check_every_class_has_photos, class_names, csv_columns, drop_unreadable, samples)
 from birdfg.datamodule import FeatureCache, build_feature_cache
 from birdfg.models import BirdModel, build, preprocess_config, preset_specs, shared_backbone_key
 from birdfg.train_config import TrainConfig
@@ -23,19 +24,19 @@ log = logging.getLogger("birdfg.train")
 def train_set(cfg: TrainConfig, command: str) -> int:
     """Train, export and tabulate the models `cfg` names; returns the process exit code.
     `command` is recorded in each exported checkpoint's metadata ("trained")."""
-    try:
+    try:  # every problem of the data, before anything heavy and before anything is written
         check_class_folders(cfg.data)
         classes = class_names(cfg.data)
         train_items = drop_unreadable(samples(cfg.data, "train", classes, cfg.split_file), "train")
         val_items = drop_unreadable(samples(cfg.data, "val", classes, cfg.split_file), "val")
+        check_every_class_has_photos(cfg.data, train_items, val_items, classes, cfg.split_file)
+        if not val_items:
+            raise DatasetError(f"{cfg.split_file or cfg.data}: need train and val photos "
+                               f"(found {len(train_items)} / {len(val_items)}).")
+        boxes = _boxes(cfg, train_items)
     except (DatasetError, OSError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not train_items or not val_items:
-        print(f"error: {cfg.data}: need train and val photos (found {len(train_items)} / {len(val_items)}).",
-              file=sys.stderr)
-        return 2
-    boxes = _boxes(cfg)
     split_name = f"{cfg.split_file.name}:cub_split" if cfg.split_file else "train_images/val_images"
     specs = preset_specs(cfg.preset, len(classes), tuple(cfg.models), cfg.img_size)
     out_dir = cfg.output / cfg.preset
@@ -79,17 +80,26 @@ def train_set(cfg: TrainConfig, command: str) -> int:
     return 0
 
 
-def _boxes(cfg: TrainConfig) -> dict[Path, Box] | None:
-    """Bird boxes for zoomed training views: cfg.boxes, else DATA/annotations.csv when present."""
+def _boxes(cfg: TrainConfig, train_items: list[Sample]) -> dict[Path, Box] | None:
+    """Bird boxes for zoomed training views: cfg.boxes, else DATA/annotations.csv when present and
+    a boxes file (a CSV of another kind there was not asked for, so it is passed over, with a word)."""
     if not cfg.use_boxes:
         return None
-    path = cfg.boxes or (cfg.data / "annotations.csv")
-    if not path.exists():
-        if cfg.boxes:
-            raise SystemExit(f"error: --boxes {path}: no such file")
-        return None
-    boxes = read_boxes(path)
-    print(f"bird boxes from {path}: {len(boxes)} photos get zoomed-in training views")
+    if cfg.boxes is not None:
+        if not cfg.boxes.is_file():
+            raise DatasetError(f"--boxes {cfg.boxes}: no such file (or pass --no-boxes to train without bird boxes).")
+        path = cfg.boxes
+    else:
+        path = cfg.data / "annotations.csv"
+        if not path.is_file():
+            return None
+        missing = [c for c in ("path", *BOX_COLUMNS) if c not in csv_columns(path)]
+        if missing:
+            log.warning("%s has no %s column: training without bird boxes (--boxes CSV names a boxes file)",
+                        path, ", ".join(missing))
+            return None
+    boxes = boxes_for(train_items, path, cfg.data)
+    print(f"bird boxes from {path}: {len(boxes)} of {len(train_items)} train photos get zoomed-in training views")
     return boxes
 
 
