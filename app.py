@@ -23,7 +23,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hub-repo", default=os.environ.get("BIRDFG_HUB_REPO") or None, metavar="ID",
                    help="Hugging Face Hub repo of a published set (env BIRDFG_HUB_REPO); falls back to disk offline")
     p.add_argument("--examples", type=Path, default=None, metavar="DIR",
-                   help="show a gallery of example photos from this folder (e.g. ../shared/bird_dataset/val_images)")
+                   help="also offer up to 12 photos of this folder as examples, after the project's own (examples/); "
+                        "a CREDITS.csv beside the photos (columns as in examples/CREDITS.csv) is shown as their credits")
     p.add_argument("--port", type=int, default=None, help="default: GRADIO_SERVER_PORT, else 7860")
     p.add_argument("--max-loaded-sets", type=int, default=2, help="model sets kept in memory at once")
     p.add_argument("--keep-files-s", type=float, default=float(os.environ.get("BIRDFG_KEEP_FILES_S", "3600")),

@@ -10,6 +10,7 @@ import gradio as gr
 import pandas as pd
 
 from birdfg.app.batch import MAX_BATCH
+from birdfg.app.examples import example_gallery
 from birdfg.app.presentation import PREDICTED, blurb, column_header, set_status, species_choices
 from birdfg.app.report import NO_SET, Report
 from birdfg.app.sets import ModelSets
@@ -73,6 +74,7 @@ class Page:
     report: gr.Markdown
     per_class: gr.Dataframe
     confusion: gr.Gallery
+    photo_credit: gr.Markdown | None = None  # whose photo is shown (an example's credit)
 
     @property
     def overlays(self) -> list[gr.Image]:
@@ -130,16 +132,14 @@ def build_page(sets: ModelSets, engine: Engine | None, problem: str | None, repo
                 photo = gr.Image(type="filepath", sources=["upload", "clipboard", "webcam"],
                                  label="Your bird photo", height=330, elem_id="photo")
                 compare_button = gr.Button("Compare again", variant="primary")
+                photo_credit = gr.Markdown(elem_id="photo-credit")
             with gr.Column(scale=3, min_width=300):
                 gr.Markdown(HOWTO)
                 species = gr.Dropdown(species_choices(engine.classes) if engine else [], value=PREDICTED,
                                       label="Show the maps for", interactive=True, elem_id="species",
                                       info="Each model's own top guess, or any species you choose.")
                 opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Map opacity")
-                example_set = None
-                if examples:
-                    example_set = gr.Examples([[str(p)] for p in examples], inputs=[photo],
-                                              label="Example photos (click one)", examples_per_page=12)
+                example_set = example_gallery(examples, photo)
         with gr.Row(equal_height=False):
             columns = {key: _model_column(key, engine) for key in MODEL_KEYS}
         with gr.Row(equal_height=True):
@@ -168,7 +168,7 @@ def build_page(sets: ModelSets, engine: Engine | None, problem: str | None, repo
 
     return Page(set_state, view_state, set_selector, status, photo, compare_button, species, opacity, example_set,
                 columns, ensemble, agree, answer, batch_files, batch_button, batch_csv, batch_table, report_md,
-                per_class, confusion)
+                per_class, confusion, photo_credit)
 
 
 def _model_column(key: str, engine: Engine | None) -> ModelColumn:

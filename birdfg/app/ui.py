@@ -20,7 +20,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from birdfg.app.examples import find_examples
+from birdfg.app.examples import offered_examples, show_credit_of_photo
 from birdfg.app.files import OutputFiles
 from birdfg.app.handlers import Handlers
 from birdfg.app.page import CSS, TITLE, Page, build_page, theme
@@ -55,6 +55,7 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
     with gr.Blocks(title=TITLE, delete_cache=(min(keep_s, 600), keep_s)) as demo:
         page = build_page(sets, engine, problem, report, examples or [])
         wire(demo, page, Handlers(sets, cache, output_files, page, problem))
+        show_credit_of_photo(page.photo, page.photo_credit, examples or [])
     return demo
 
 
@@ -95,7 +96,7 @@ def serve(checkpoints: Path | None = None, hub_repo: str | None = None, examples
     GRADIO_SERVER_NAME says otherwise (a Space sets 0.0.0.0); port: `port`, GRADIO_SERVER_PORT, 7860.
     Uploads and drawn maps are deleted `keep_files_s` seconds after they were written."""
     sets = ModelSets.discover(checkpoints, hub_repo, max_loaded=max_loaded)
-    examples = find_examples(examples_dir)
+    examples = offered_examples(examples_dir)  # the project's photos, then the folder's
     demo = build(sets, examples, output_files=OutputFiles(keep_s=keep_files_s, prune_every_s=min(keep_files_s, 60)))
     # Two CPU cores: one model pass at a time (concurrency group MODELS), two cheap re-renders.
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=2)
