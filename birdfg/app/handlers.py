@@ -50,8 +50,26 @@ class Handlers:
 
     @on_torch_thread
     def compare(self, image: Any, set_name: str, view: View, request: gr.Request) -> Updates:
-        """The `/compare` API: the JSON answer and every model's overlay (None for a model without a
-        result); bad input gets `{"error": ...}`, never an exception."""
+        """Name the bird species in one photo with three classifiers side by side (a CNN, a vision
+        transformer and a bilinear CNN) and their ensemble, and show where on the photo each model looked.
+        The models know 20 North American species of CUB-200-2011, named in the answer as: Groove billed
+        Ani, Brewer Blackbird, Red winged Blackbird, Rusty Blackbird, Yellow headed Blackbird, Bobolink,
+        Indigo Bunting, Lazuli Bunting, Painted Bunting, Gray Catbird, Yellow breasted Chat, Eastern Towhee,
+        Brandt Cormorant, Bronzed Cowbird, Brown Creeper, American Crow, Fish Crow, Black billed Cuckoo,
+        Yellow billed Cuckoo, Gray crowned Rosy Finch. Any other bird still gets the closest of these.
+
+        Args:
+            image: the bird photo (JPEG, PNG, WebP, GIF, BMP or TIFF; at most 20 MB); best with one bird, large in the frame.
+            set_name: (session state, not an input of the API) the model set in use.
+            view: (session state, not an input of the API) how the maps are drawn.
+            request: (from Gradio, not an input of the API) the caller's session.
+
+        Returns:
+            first a JSON object: {"models": {"cnn": M, "vit": M, "bcnn": M}, "ensemble": {"top5": T}, "agree": true when the three top species are the same}
+            where M is {"name": the model's name, "top5": T, "latency_ms": its time} and T is [[species, probability], ...], most likely first, probabilities from 0 to 1
+            a model that failed has "error" (a sentence) and an empty top5; a photo that cannot be used gives only {"error": what is wrong and what to do}
+            then three images (cnn, vit, bcnn): the photo with the model's explanation map over it (warm colours pushed it towards its top species), or none where a model has no result
+        """
         page, session = self.page, session_of(request)
         view = view.for_new_photo()
         self.cache.drop(session)
@@ -169,7 +187,17 @@ class Handlers:
 
     @on_torch_thread
     def batch(self, files: list[str] | None, set_name: str) -> Updates:
-        """The `/batch` API: a table (one row per photo) and its CSV."""
+        """Classify several bird photos at once (up to 64) with the same three classifiers as compare
+        (a CNN, a vision transformer and a bilinear CNN) and their ensemble: one row per photo, no maps.
+
+        Args:
+            files: the photos (JPEG, PNG, WebP, GIF, BMP or TIFF; at most 20 MB each); past the first 64 they are left out.
+            set_name: (session state, not an input of the API) the model set in use.
+
+        Returns:
+            first a table {"headers": ["photo", "cnn", "vit", "bcnn", "ensemble", "note"], "data": [[file name, "Species (87%)", ...], ...]}: each model's top species with its probability, and a note for a photo that could not be read (its model cells empty)
+            then a CSV file of the same rows with the top species and probability in separate columns ("cnn top-1", "cnn conf", ..., "ensemble top-1", "ensemble conf", "note")
+        """
         if not files:
             gr.Warning("Add some photos first (several files at once).")
             return gr.skip()
