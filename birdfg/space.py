@@ -61,14 +61,14 @@ def space_files(root: Path = ROOT, model_set: str | None = None) -> list[SpaceFi
     """Every file the Space needs, sorted by path. `model_set`: the folder name under checkpoints/
     (default: the app's default set)."""
     from birdfg import layout
+    from birdfg.checkpoints import find_sets
     from birdfg.models import MODEL_KEYS
 
     root = Path(root)
     model_set = model_set or default_set(root)
     set_folder = root / "checkpoints" / model_set
     if not layout.holds_models(set_folder):
-        raise SpaceError(f"{set_folder} holds no model checkpoint: choose one of "
-                         f"{sorted(p.name for p in (root / 'checkpoints').iterdir() if layout.holds_models(p))} "
+        raise SpaceError(f"{set_folder} holds no model checkpoint: choose one of {sorted(find_sets(root / 'checkpoints'))} "
                          "with --set, or train one (README, Training)")
     paths = [root / name for name in TOP_FILES if (root / name).is_file()]
     for folder in PACKAGE_DIRS:

@@ -100,7 +100,7 @@ def find_examples(folder: Path | None, limit: int = 12) -> list[Path]:
 
 def offered_examples(own: Path | None = None, defaults: Path | None = EXAMPLES_DIR) -> list[Path]:
     """The gallery: the project's example photos, then up to 12 from `own` (`--examples DIR`)."""
-    photos = sorted(p for p in Path(defaults).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) \
+    photos = sorted(p for p in Path(defaults).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()) \
         if defaults is not None and Path(defaults).is_dir() else []
     return photos + [p for p in find_examples(own) if p not in photos]
 
@@ -157,10 +157,7 @@ def _digest(path: Path) -> str:
 
 def gallery_credits(photos: list[Path]) -> str:
     """The Markdown under the gallery: the credit of every credited photo, in the gallery's order."""
-    credits = [c for c in map(credit_of, photos) if c is not None]
-    if not credits:
-        return ""
-    return "\n".join(f"- {c.text()}" for c in credits)
+    return "\n".join(f"- {c.text()}" for c in map(credit_of, photos) if c is not None)
 
 
 def example_gallery(photos: list[Path], photo: gr.Image) -> gr.Examples | None:
@@ -175,11 +172,11 @@ def example_gallery(photos: list[Path], photo: gr.Image) -> gr.Examples | None:
     return examples
 
 
-def show_credit_of_photo(photo: gr.Image, credit: gr.Markdown, photos: list[Path]) -> None:
+def show_credit_of_photo(photo: gr.Image, credit: gr.Markdown | None, photos: list[Path]) -> None:
     """Keep `credit` (the line under the photo box) saying whose photo is shown: an example's
     attribution after a click, nothing for the visitor's own photo."""
     credits = Credits(photos)
-    if not credits:
+    if credit is None or not credits:
         return
     # preprocess=False: the file as sent (Gradio's preprocessing would re-encode it, and the
     # bytes are what identifies an example); queue=False: a hash, no model work.
