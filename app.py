@@ -1,4 +1,4 @@
-"""The birdfg comparison app: `python app.py [--checkpoints DIR] [--hub-repo ID] [--examples DIR] [--port N]`.
+"""The birdfg comparison app: `python app.py [--checkpoints DIR] [--hub-repo ID] [--examples DIR] [--port N] [--mcp]`.
 
 Three bird classifiers side by side (CNN, ViT, B-CNN), with where each one looked. Serves on
 127.0.0.1 unless GRADIO_SERVER_NAME is set (a Hugging Face Space sets 0.0.0.0).
@@ -23,8 +23,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hub-repo", default=os.environ.get("BIRDFG_HUB_REPO") or None, metavar="ID",
                    help="Hugging Face Hub repo of a published set (env BIRDFG_HUB_REPO); falls back to disk offline")
     p.add_argument("--examples", type=Path, default=None, metavar="DIR",
-                   help="show a gallery of example photos from this folder (e.g. ../shared/bird_dataset/val_images)")
+                   help="also offer up to 12 photos of this folder as examples, after the project's own (examples/); "
+                        "a CREDITS.csv beside the photos (columns as in examples/CREDITS.csv) is shown as their credits")
     p.add_argument("--port", type=int, default=None, help="default: GRADIO_SERVER_PORT, else 7860")
+    p.add_argument("--mcp", action="store_true", default=os.environ.get("BIRDFG_MCP", "").lower() in ("1", "true"),
+                   help="also serve /compare and /batch as MCP tools at /gradio_api/mcp/ (env BIRDFG_MCP=1, "
+                        "e.g. a Space variable)")
     p.add_argument("--max-loaded-sets", type=int, default=2, help="model sets kept in memory at once")
     p.add_argument("--keep-files-s", type=float, default=float(os.environ.get("BIRDFG_KEEP_FILES_S", "3600")),
                    metavar="S", help="delete uploaded photos and drawn maps this long after they were written "
@@ -40,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from birdfg.app.ui import serve  # heavy imports after --help
 
-    serve(args.checkpoints, args.hub_repo, args.examples, args.port, args.max_loaded_sets, args.keep_files_s)
+    serve(args.checkpoints, args.hub_repo, args.examples, args.port, args.max_loaded_sets, args.keep_files_s,
+          mcp_server=args.mcp)
     return 0
 
 

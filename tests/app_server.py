@@ -37,10 +37,10 @@ def sets_root(checkpoints: Path, folder: Path) -> Path:
 
 
 def app_url(checkpoints: Path, examples: Path, config: pytest.Config, tmp: Path,
-            env: dict[str, str] | None = None) -> str:
-    """Start `python app.py` once (per checkpoints folder and extra environment) and return its URL."""
+            env: dict[str, str] | None = None, args: list[str] | None = None) -> str:
+    """Start `python app.py` once (per checkpoints folder, extra environment and extra flags) and return its URL."""
     extra_env = env or {}
-    key = str((str(checkpoints), sorted(extra_env.items())))
+    key = str((str(checkpoints), sorted(extra_env.items()), args or []))
     if key in _running:
         return _running[key][1]
     port = free_port()
@@ -49,7 +49,8 @@ def app_url(checkpoints: Path, examples: Path, config: pytest.Config, tmp: Path,
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
            **extra_env}
     env.pop("GRADIO_SERVER_NAME", None)  # the default (127.0.0.1) is part of what is tested
-    command = [sys.executable, "app.py", "--checkpoints", str(root), "--examples", str(examples), "--port", str(port)]
+    command = [sys.executable, "app.py", "--checkpoints", str(root), "--examples", str(examples), "--port", str(port),
+               *(args or [])]
     log = open(log_path, "w")
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"

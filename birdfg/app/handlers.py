@@ -73,18 +73,21 @@ class Handlers:
 
     @on_torch_thread
     def compare(self, image: Any, set_name: str, request: gr.Request) -> Updates:
-        """Identify the bird in a photo with three classifiers (a CNN, a vision transformer and a
-        bilinear CNN) and show where each one looked.
+        """Name the bird species in one photo with three classifiers side by side (a CNN, a vision
+        transformer and a bilinear CNN) and their ensemble, and show where on the photo each model looked.
+        The shipped models know 20 North American species of CUB-200-2011 (crows, blackbirds, buntings,
+        cuckoos and others); any other bird still gets the closest of these.
 
         Args:
-            image: a photo of one bird (JPEG, PNG, WebP...; a file path or URL).
+            image: the bird photo (JPEG, PNG, WebP, GIF, BMP or TIFF; at most 20 MB); best with one bird, large in the frame.
+            set_name: (session state, not an input of the API) the model set in use.
+            request: (from Gradio, not an input of the API) the caller's session.
 
         Returns:
-            First a JSON answer: {"models": {key: {"name": str, "top5": [[species, probability], ...],
-            "latency_ms": float, "error"?: str}}, "ensemble": {"top5": [...]}, "agree": bool}, where
-            "agree" says whether every model gave the same top species; for input it cannot use,
-            {"error": "<what is wrong and what to do>"}. Then one image per model (cnn, vit, bcnn): the
-            photo with that model's explanation map for its top species over it (None when it failed).
+            first a JSON object: {"models": {"cnn": M, "vit": M, "bcnn": M}, "ensemble": {"top5": T}, "agree": true when the three top species are the same}
+            where M is {"name": the model's name, "top5": T, "latency_ms": its time} and T is [[species, probability], ...], most likely first, probabilities from 0 to 1
+            a model that failed has "error" (a sentence) and an empty top5; a photo that cannot be used gives only {"error": what is wrong and what to do}
+            then three images (cnn, vit, bcnn): the photo with the model's explanation map over it (warm colours pushed it towards its top species), or none where a model has no result
         """
         page = self.page
         updates: Updates = {page.answer: None, **dict.fromkeys(page.overlays)}
@@ -239,14 +242,16 @@ class Handlers:
 
     @on_torch_thread
     def batch(self, files: list[str] | None, set_name: str) -> Updates:
-        """Identify the birds in several photos at once with the three classifiers.
+        """Classify several bird photos at once (up to 64) with the same three classifiers as compare
+        (a CNN, a vision transformer and a bilinear CNN) and their ensemble: one row per photo, no maps.
 
         Args:
-            files: bird photos (file paths or URLs), up to 64.
+            files: the photos (JPEG, PNG, WebP, GIF, BMP or TIFF; at most 20 MB each); past the first 64 they are left out.
+            set_name: (session state, not an input of the API) the model set in use.
 
         Returns:
-            A table with one row per photo (file, each model's top species and probability, the
-            ensemble's), and the same table as a CSV file.
+            first a table {"headers": ["photo", "cnn", "vit", "bcnn", "ensemble", "note"], "data": [[file name, "Species (87%)", ...], ...]}: each model's top species with its probability, and a note for a photo that could not be read (its model cells empty)
+            then a CSV file of the same rows with the top species and probability in separate columns ("cnn top-1", "cnn conf", ..., "ensemble top-1", "ensemble conf", "note")
         """
         if not files:
             gr.Warning("Add some photos first (several files at once).")

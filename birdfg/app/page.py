@@ -10,6 +10,7 @@ import gradio as gr
 import pandas as pd
 
 from birdfg.app.batch import MAX_BATCH
+from birdfg.app.examples import example_gallery
 from birdfg.app.presentation import PREDICTED, blurb, column_header, set_status, species_choices
 from birdfg.app.report import NO_SET, Report
 from birdfg.app.sets import ModelSets
@@ -100,6 +101,7 @@ class Page:
     report: gr.Markdown
     per_class: gr.Dataframe
     confusion: gr.Gallery
+    photo_credit: gr.Markdown | None = None  # whose photo is shown (an example's credit)
 
     @property
     def overlays(self) -> list[gr.Image]:
@@ -166,6 +168,7 @@ def build_page(sets: ModelSets, engine: Engine | None, problem: str | None, repo
                                  label="Your bird photo", height=330, elem_id="photo")
                 compare_button = gr.Button("Compare again", variant="primary")
                 api_compare = gr.Button(visible=False)
+                photo_credit = gr.Markdown(elem_id="photo-credit")
             with gr.Column(scale=3, min_width=300):
                 gr.Markdown(HOWTO)
                 with gr.Row():
@@ -176,10 +179,7 @@ def build_page(sets: ModelSets, engine: Engine | None, problem: str | None, repo
                                          label="…rather than", interactive=True, elem_id="rather",
                                          info="Contrast: what favours the species above over this one.")
                 opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Map opacity", elem_id="opacity")
-                example_set = None
-                if examples:
-                    example_set = gr.Examples([[str(p)] for p in examples], inputs=[photo],
-                                              label="Example photos (click one)", examples_per_page=12)
+                example_set = example_gallery(examples, photo)
         with gr.Row(equal_height=False):
             columns = {key: _model_column(key, engine) for key in MODEL_KEYS}
         with gr.Row(equal_height=True):
@@ -214,7 +214,7 @@ def build_page(sets: ModelSets, engine: Engine | None, problem: str | None, repo
 
     return Page(set_state, set_selector, status, photo, compare_button, api_compare, species, rather, opacity,
                 test_button, test_plot, test_verdict, example_set, columns, ensemble, agree, answer, batch_files,
-                batch_button, batch_csv, batch_table, report_md, per_class, confusion)
+                batch_button, batch_csv, batch_table, report_md, per_class, confusion, photo_credit)
 
 
 def _model_column(key: str, engine: Engine | None) -> ModelColumn:

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from birdfg.app.examples import find_examples
+from birdfg.app.examples import offered_examples, show_credit_of_photo
 from birdfg.app.files import OutputFiles
 from birdfg.app.handlers import Handlers
+from birdfg.app.mcp_server import fix_gradio_mcp, require_mcp
 from birdfg.app.page import CSS, TITLE, Page, build_page, theme
 from birdfg.app.report import read_report
 from birdfg.app.session import ResultCache
@@ -57,6 +58,7 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
     with gr.Blocks(title=TITLE, delete_cache=(min(keep_s, 600), keep_s)) as demo:
         page = build_page(sets, engine, problem, report, examples or [])
         wire(demo, page, Handlers(sets, cache, output_files, page, problem))
+        show_credit_of_photo(page.photo, page.photo_credit, examples or [])
     return demo
 
 
@@ -103,12 +105,16 @@ def wire(demo: gr.Blocks, page: Page, handlers: Handlers) -> None:
 
 
 def serve(checkpoints: Path | None = None, hub_repo: str | None = None, examples_dir: Path | None = None,
-          port: int | None = None, max_loaded: int = 2, keep_files_s: float = 3600) -> None:
+          port: int | None = None, max_loaded: int = 2, keep_files_s: float = 3600, mcp_server: bool = False) -> None:
     """Discover sets, load the default one, and serve until interrupted. Binds 127.0.0.1 unless
     GRADIO_SERVER_NAME says otherwise (a Space sets 0.0.0.0); port: `port`, GRADIO_SERVER_PORT, 7860.
-    Uploads and drawn maps are deleted `keep_files_s` seconds after they were written."""
+    Uploads and drawn maps are deleted `keep_files_s` seconds after they were written. `mcp_server`:
+    the public events (/compare, /batch) are MCP tools too, at /gradio_api/mcp/ (birdfg/app/mcp_server.py)."""
+    if mcp_server:
+        require_mcp()  # before the models load
+        fix_gradio_mcp()
     sets = ModelSets.discover(checkpoints, hub_repo, max_loaded=max_loaded)
-    examples = find_examples(examples_dir)
+    examples = offered_examples(examples_dir)  # the project's photos, then the folder's
     demo = build(sets, examples, output_files=OutputFiles(keep_s=keep_files_s, prune_every_s=min(keep_files_s, 60)))
     # Two CPU cores: one model pass at a time (concurrency group MODELS), two cheap re-renders.
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=2)
@@ -123,6 +129,7 @@ def serve(checkpoints: Path | None = None, hub_repo: str | None = None, examples
         ssr_mode=False,
         show_error=False,
         prevent_thread_lock=True,
+        mcp_server=mcp_server,
     )
     try:
         # This thread runs the requests' model work from here on (see worker.TorchThread).
