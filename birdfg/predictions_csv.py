@@ -58,8 +58,10 @@ def _encode(rows: Iterable[Sequence[object]]) -> bytes:
 
 def read(path: Path) -> dict[str, str]:
     """Id -> Category of the whole records of a predictions file; {} when there is none."""
-    if not path.is_file():
+    if not path.exists():
         return {}
+    if not path.is_file():
+        raise PredictionsFileError(f"{path} is not a file; pass --out the path of a CSV file.")
     data = path.read_bytes()
     text = data[:_complete_length(data)].decode(*_ENCODING)
     records = list(csv.reader(io.StringIO(text, newline="")))

@@ -74,6 +74,8 @@ def test_a_file_that_is_not_a_predictions_csv_is_refused(tmp_path):
         predictions_csv.read(path)
     with pytest.raises(predictions_csv.PredictionsFileError, match="record 3"):
         predictions_csv.read(_write(path, b"Id,Category\r\na,1\r\nb\r\n"))
+    with pytest.raises(predictions_csv.PredictionsFileError, match="not a file"):
+        predictions_csv.read(tmp_path)
 
 
 def test_merge_keeps_each_id_once_in_the_folders_order_and_removes_the_parts(tmp_path):
