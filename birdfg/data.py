@@ -86,7 +86,8 @@ def check_class_folders(data_dir: Path) -> None:
         )
 
 
-def _images_under(folder: Path) -> list[Path]:
+def images_under(folder: Path) -> list[Path]:
+    """Every image file under `folder` (any depth), sorted."""
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
@@ -95,13 +96,13 @@ def folder_samples(data_dir: Path, split: str, classes: list[str]) -> list[Sampl
     if not root.is_dir():
         raise DatasetError(f"{root}: folder not found (expected the bird_dataset layout).")
     if split == "test":
-        return [Sample(p, -1) for p in _images_under(root)]
+        return [Sample(p, -1) for p in images_under(root)]
     index = {name: i for i, name in enumerate(classes)}
     samples = []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         if class_dir.name not in index:
             raise DatasetError(f"{class_dir}: class {class_dir.name!r} is not one of the {len(classes)} known classes.")
-        samples += [Sample(p, index[class_dir.name]) for p in _images_under(class_dir)]
+        samples += [Sample(p, index[class_dir.name]) for p in images_under(class_dir)]
     return samples
 
 

@@ -46,11 +46,13 @@ class Engine:
     """Runs a model set on photos. Build once and share: calls from several threads are
     serialised (a pass already keeps every core busy).
 
-    `runtime`: "auto" (ONNX Runtime when installed, else torch), "onnx" or "torch".
-    With `warm_up`, one synthetic comparison (maps too) runs at once, so that the first visitor
+    `runtime`: "auto" (ONNX Runtime when installed, else torch), "onnx" or "torch". `threads`:
+    ONNX Runtime's threads per session (default: one per usable CPU; several processes sharing a
+    machine give each its share). With `warm_up`, one synthetic comparison (maps too) runs at once, so that the first visitor
     does not pay for the runtime's first-call set-up."""
 
-    def __init__(self, model_set: ModelSet, runtime: str = "auto", warm_up: bool = True):
+    def __init__(self, model_set: ModelSet, runtime: str = "auto", warm_up: bool = True,
+                 threads: int | None = None):
         if not model_set.models:
             raise ValueError(f"{model_set.folder}: no usable model ({'; '.join(model_set.errors.values())}).")
         limit_threads()
@@ -60,7 +62,7 @@ class Engine:
         self.methods: dict[str, list[Explanation]] = {k: explanations_of(m.model) for k, m in self.models.items()}
         self._transforms = {k: build_transform(m.preprocess, train=False) for k, m in self.models.items()}
         self._lock = threading.Lock()
-        self.groups = self._build_groups(runtime)
+        self.groups = self._build_groups(runtime, threads)
         if warm_up:
             self.warm_up()
 
@@ -69,7 +71,7 @@ class Engine:
         """Where each model runs ("onnx" or "torch")."""
         return {key: group.runner.runtime for group in self.groups for key in group.keys}
 
-    def _build_groups(self, runtime: str) -> list[Group]:
+    def _build_groups(self, runtime: str, threads: int | None) -> list[Group]:
         by_signature: dict[tuple, list[str]] = {}
         for key, m in self.models.items():
             signature = (id(m.model.backbone), repr(sorted(m.preprocess.items())))
@@ -84,7 +86,7 @@ class Engine:
             example = torch.randn(1, *size, generator=torch.Generator().manual_seed(0))
             name = "-".join(keys) + f"-{size[-1]}px"
             torch_runner = TorchRunner(part)
-            chosen = runner(part, name, example, self.model_set.folder, runtime, torch_runner)
+            chosen = runner(part, name, example, self.model_set.folder, runtime, torch_runner, threads)
             groups.append(Group(keys, chosen, torch_runner))
         return groups
 

@@ -50,14 +50,28 @@ def graph_key(name: str, source: str, example: torch.Tensor) -> str:
 
 class TorchRunner:
     """A group in torch eager, under inference_mode, each model on its own: a model that fails
-    gives its exception and the others still answer."""
+    gives its exception and the others still answer. It runs on the device its group's weights
+    are on (moving the group, e.g. to a GPU, moves the runner) and answers in CPU tensors."""
 
     runtime = "torch"
 
     def __init__(self, group: GroupPart):
         self.group = group
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.group.parameters()).device
+
     def __call__(self, x: torch.Tensor, evidence: bool) -> dict[str, Outputs | Exception]:
+        device = self.device
+        done = self._run(x.to(device), evidence)
+        if device.type == "cpu":
+            return done
+        # Results become numpy arrays and explanation maps, on the host.
+        return {key: out if isinstance(out, Exception) else {name: t.cpu() for name, t in out.items()}
+                for key, out in done.items()}
+
+    def _run(self, x: torch.Tensor, evidence: bool) -> dict[str, Outputs | Exception]:
         self.group.keep_attention(evidence)  # fused attention when no map is wanted
         with torch.inference_mode():
             try:
@@ -132,13 +146,15 @@ def session_options(threads: int | None = None):
     return options
 
 
-def onnx_runner(part: GroupPart, name: str, example: torch.Tensor, folder: Path | None) -> OnnxRunner:
-    """The part's cached graph as a session, exported first when there is no valid one."""
+def onnx_runner(part: GroupPart, name: str, example: torch.Tensor, folder: Path | None,
+                threads: int | None = None) -> OnnxRunner:
+    """The part's cached graph as a session (`threads` intra-op threads, default one per usable
+    CPU), exported first when there is no valid one."""
     key = graph_key(name, graph_source(part), example)
     for cache in _cache_dirs(folder):
         path = cache / f"{name}-{key[:16]}.onnx"
         if path.is_file():
-            session = _open(path, key)
+            session = _open(path, key, threads)
             if session is not None:
                 return OnnxRunner(session)
         try:
@@ -146,11 +162,11 @@ def onnx_runner(part: GroupPart, name: str, example: torch.Tensor, folder: Path 
         except OSError as exc:  # a read-only set folder (e.g. the Hub cache): try the next place
             log.info("cannot write %s (%s)", path, exc)
             continue
-        return OnnxRunner(_session(str(path)))
+        return OnnxRunner(_session(str(path), threads))
     with tempfile.TemporaryDirectory() as tmp:  # nowhere to keep it: build it for this process only
         path = Path(tmp) / "part.onnx"
         _export(part, example, key, path)
-        return OnnxRunner(_session(path.read_bytes()))
+        return OnnxRunner(_session(path.read_bytes(), threads))
 
 
 def _cache_dirs(folder: Path | None) -> list[Path]:
@@ -159,16 +175,16 @@ def _cache_dirs(folder: Path | None) -> list[Path]:
     return ([graph_cache_dir(folder)] if folder is not None else []) + [USER_CACHE]
 
 
-def _session(graph: str | bytes):
+def _session(graph: str | bytes, threads: int | None = None):
     import onnxruntime as ort
 
-    return ort.InferenceSession(graph, session_options(), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(graph, session_options(threads), providers=["CPUExecutionProvider"])
 
 
-def _open(path: Path, key: str):
+def _open(path: Path, key: str, threads: int | None = None):
     """A session of a cached graph, or None when the file is not the graph for `key`."""
     try:
-        session = _session(str(path))
+        session = _session(str(path), threads)
     except Exception as exc:  # noqa: BLE001 - a damaged cache file is rebuilt, never trusted
         log.warning("%s is not a readable graph (%s); rebuilding it", path, exc)
         return None
@@ -206,15 +222,16 @@ def _export(part: GroupPart, example: torch.Tensor, key: str, path: Path) -> Non
 
 
 def runner(part: GroupPart, name: str, example: torch.Tensor, folder: Path | None, runtime: str,
-           torch_runner: TorchRunner) -> TorchRunner | OnnxRunner:
-    """Where the group runs: ONNX Runtime for "onnx", and for "auto" when it is installed;
-    `torch_runner` for "torch", and for a group that cannot be exported (with a warning)."""
+           torch_runner: TorchRunner, threads: int | None = None) -> TorchRunner | OnnxRunner:
+    """Where the group runs: ONNX Runtime for "onnx", and for "auto" when it is installed (with
+    `threads` per session); `torch_runner` for "torch", and for a group that cannot be exported
+    (with a warning)."""
     if runtime not in ("auto", "onnx", "torch"):
         raise ValueError(f"Unknown runtime {runtime!r}; choose auto, onnx or torch.")
     if runtime == "torch" or (runtime == "auto" and not onnx_available()):
         return torch_runner
     try:
-        return onnx_runner(part, name, example, folder)
+        return onnx_runner(part, name, example, folder, threads)
     except Exception as exc:  # noqa: BLE001 - an unexportable part still answers, in torch
         if runtime == "onnx":
             raise
