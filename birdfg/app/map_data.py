@@ -6,7 +6,8 @@ A method whose map is linear in the class score (`linear_in_class`) sends one gr
 the page subtracts two of them for "X rather than Y" (exact). A gradient method sends one grid
 per target it was asked for: every class, and every class rather than each of the `rivals`
 (the models' top two guesses); `more_rivals` adds another one when a visitor asks for it.
-Grids travel as base64 float32, the crop box as fractions of the photo.
+Grids travel as base64 float32 (a part's map, drawn on its own scale, as bytes), the crop box
+as fractions of the photo.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import numpy as np
 from birdfg.data import display_name
 from birdfg.explanations import Explanation, Target
 from birdfg.inference import Comparison, Engine
+from birdfg.overlay import normalise
 
 RUNNER_UP = "@runner-up"  # "rather than" value: each model's own second guess
 NOTHING = ""  # "rather than" value: the plain map
@@ -30,6 +32,12 @@ PARTS_SHOWN = 4  # terms of a map shown under it (e.g. a B-CNN's channel pairs)
 
 def encode(grids: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(grids, dtype="<f4").tobytes()).decode("ascii")
+
+
+def encode_shape(grid: np.ndarray) -> str:
+    """A grid that is only ever drawn on its own scale (a part's map), as base64 bytes 0-255:
+    a quarter of the float32 size."""
+    return base64.b64encode((normalise(grid) * 255).round().astype(np.uint8).tobytes()).decode("ascii")
 
 
 def options_key(options: dict[str, Any]) -> str:
@@ -106,6 +114,8 @@ def model_maps(engine: Engine, comparison: Comparison | None, key: str, against:
         "key": key, "classes": comparison.classes, "names": [display_name(c) for c in comparison.classes],
         "own": comparison.predicted(key), "runner_up": int(np.argsort(-probs)[1]) if len(probs) > 1 else None,
         "rivals": against, "complete": every_class,
+        # Which comparison and which answer of it: the page draws the same data only once.
+        "stamp": f"{id(comparison)}:{int(every_class)}:{','.join(map(str, against))}",
         "grid": list(evidence.features.shape[-2:]) if evidence.features.dim() == 4 else None,
         "box": [left / width, top / height, right / width, bottom / height],
         "default": methods[0].name,
@@ -114,7 +124,8 @@ def model_maps(engine: Engine, comparison: Comparison | None, key: str, against:
     first = methods[0]
     if type(first).parts is not Explanation.parts:  # the default method breaks its map into terms
         every = first.parts_of_classes(evidence, list(range(len(comparison.classes))), PARTS_SHOWN)
-        data["parts"] = {str(c): [[caption, encode(grid)] for caption, grid in terms] for c, terms in enumerate(every)}
+        data["parts"] = {str(c): [[caption, encode_shape(grid)] for caption, grid in terms]
+                         for c, terms in enumerate(every)}
     return data
 
 
