@@ -100,8 +100,8 @@ def _method_data(engine: Engine, comparison: Comparison, key: str, method: Expla
 def model_maps(engine: Engine, comparison: Comparison | None, key: str, against: list[int] | None = None,
                every_class: bool = True) -> dict[str, Any] | None:
     """Everything the page needs to draw model `key`'s maps for this comparison (None when the
-    model has no result). `every_class` False: a gradient method answers for the model's own
-    guess and the rivals only (the quick first answer; the rest follows)."""
+    model has no result). `every_class` False: the quick first answer, the default method only,
+    and a gradient method for the model's own guess and the rivals only (the rest follows)."""
     if comparison is None or key not in comparison.answered:
         return None
     against = rivals(comparison) if against is None else against
@@ -119,7 +119,8 @@ def model_maps(engine: Engine, comparison: Comparison | None, key: str, against:
         "grid": list(evidence.features.shape[-2:]) if evidence.features.dim() == 4 else None,
         "box": [left / width, top / height, right / width, bottom / height],
         "default": methods[0].name,
-        "methods": {m.name: _method_data(engine, comparison, key, m, against, every_class) for m in methods},
+        "methods": {m.name: _method_data(engine, comparison, key, m, against, every_class)
+                    for m in (methods if every_class else methods[:1])},
     }
     first = methods[0]
     if type(first).parts is not Explanation.parts:  # the default method breaks its map into terms
@@ -130,10 +131,12 @@ def model_maps(engine: Engine, comparison: Comparison | None, key: str, against:
 
 
 def needs_more(engine: Engine, comparison: Comparison | None, key: str) -> bool:
-    """Whether the quick first answer of model `key` left classes out (a gradient method)."""
+    """Whether the quick first answer of model `key` left something out (other methods, or
+    classes of a gradient method)."""
     if comparison is None or key not in comparison.answered:
         return False
-    return any(m.class_specific and not m.linear_in_class for m in engine.methods[key])
+    methods = engine.methods[key]
+    return len(methods) > 1 or any(m.class_specific and not m.linear_in_class for m in methods)
 
 
 def rather_index(comparison: Comparison, rather: str | None) -> int | None:

@@ -62,6 +62,7 @@ if (!birdfg.setControls) {
 
     const menus = view.menus[data.key] || [];
     let [name, option, value] = parse(menus[0]);
+    const missing = name && !data.methods[name] && !data.complete;  // the rest of the answer is coming
     if (!data.methods[name]) [name, option] = [data.default, null];
     const method = data.methods[name];
     const options = Object.assign({}, method.defaults);
@@ -99,6 +100,7 @@ if (!birdfg.setControls) {
       caption = template.replace("{species}", data.names[x]).replace("{rather}", y === null ? "" : data.names[y]);
       if (pending) caption += " (the rest of this map is on its way)";
     }
+    if (missing) { pending = true; caption += " (the map you chose is on its way)"; }
     const parts = name === data.default && data.parts ? data.parts[String(x)] || [] : [];
     return { grid, caption: markdown(caption), parts, pending };
   };
