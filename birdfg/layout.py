@@ -4,6 +4,7 @@
       <key>.safetensors            one model per key (cnn, vit, bcnn): weights + JSON metadata
       report/evaluation_<tag>.json what `python -m birdfg.evaluate` measured (<tag>: split name)
       report/<key>_confusion_<tag>.png
+      report/faithfulness_<tag>.png  mean deletion / insertion curves (`--faithfulness`)
       .onnx/                       the inference engine's exported graphs (rebuilt when stale)
 """
 from __future__ import annotations
@@ -45,8 +46,12 @@ def report_dir(folder: Path) -> Path:
     return Path(folder) / REPORT_DIR
 
 
+def report_name(tag: str = DEFAULT_REPORT_TAG) -> str:
+    return f"evaluation_{tag}.json"
+
+
 def report_path(folder: Path, tag: str = DEFAULT_REPORT_TAG) -> Path:
-    return report_dir(folder) / f"evaluation_{tag}.json"
+    return report_dir(folder) / report_name(tag)
 
 
 def report_tag(path: Path) -> str:
@@ -59,8 +64,21 @@ def stored_reports(folder: Path) -> list[Path]:
     return sorted(report_dir(folder).glob("evaluation_*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
 
 
+def confusion_name(key: str, tag: str = DEFAULT_REPORT_TAG) -> str:
+    return f"{key}_confusion_{tag}.png"
+
+
 def confusion_png(folder: Path, key: str, tag: str = DEFAULT_REPORT_TAG) -> Path:
-    return report_dir(folder) / f"{key}_confusion_{tag}.png"
+    return report_dir(folder) / confusion_name(key, tag)
+
+
+def faithfulness_name(tag: str = DEFAULT_REPORT_TAG) -> str:
+    return f"faithfulness_{tag}.png"
+
+
+def faithfulness_png(folder: Path, tag: str = DEFAULT_REPORT_TAG) -> Path:
+    """The plot of the mean deletion and insertion curves per model."""
+    return report_dir(folder) / faithfulness_name(tag)
 
 
 def graph_cache_dir(folder: Path) -> Path:

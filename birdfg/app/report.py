@@ -1,5 +1,6 @@
 """The Models tab: checkpoint metadata, plus the evaluation `python -m birdfg.evaluate` stored
-with the set (never recomputed by the app: evaluating takes minutes)."""
+with the set (never recomputed by the app: evaluating takes minutes), the faithfulness of the
+maps among it when it was run with `--faithfulness`."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ from pathlib import Path
 from birdfg.app.presentation import percent
 from birdfg.checkpoints import LoadedModel
 from birdfg.data import display_name
-from birdfg.layout import confusion_png, report_path, report_tag, stored_reports
+from birdfg.layout import confusion_png, faithfulness_png, report_path, report_tag, stored_reports
 from birdfg.models import ENSEMBLE_KEY, MODEL_KEYS
 
 NO_SET = "No model set loaded."
@@ -21,6 +22,8 @@ class Report:
     per_class_headers: list[str] = field(default_factory=list)
     per_class_rows: list[list] = field(default_factory=list)
     confusion: list[tuple[str, str]] = field(default_factory=list)  # (png path, caption)
+    # The mean deletion / insertion curves per model (one PNG), when the report has faithfulness.
+    curves: list[tuple[str, str]] = field(default_factory=list)  # (png path, caption)
 
 
 def report_file(folder: Path) -> Path | None:
@@ -46,7 +49,8 @@ def read_report(folder: Path, models: dict[str, LoadedModel]) -> Report:
             problem = f"⚠ `{path}` could not be read ({exc})."
     keys = [k for k in MODEL_KEYS if k in models]
     parts = [_summary_table(keys, models, data)]
-    command = f"`python -m birdfg.evaluate --data ../shared/bird_dataset --checkpoints {folder} --pointing-game`"
+    command = (f"`python -m birdfg.evaluate --data ../shared/bird_dataset --checkpoints {folder} "
+               "--pointing-game --faithfulness`")
     if problem:
         parts.append(problem)
     elif path is None:
@@ -57,9 +61,14 @@ def read_report(folder: Path, models: dict[str, LoadedModel]) -> Report:
         parts.append(f"Report: `{path.name}` ({meta.get('split', '?')} split of `{meta.get('data', '?')}`). "
                      f"The pointing game counts photos whose explanation peak for the true species falls inside "
                      f"the CUB bird box. Refresh it with {command}.")
+    if data.get("faithfulness"):
+        parts.append(faithfulness_markdown(data["faithfulness"], models))
     report = Report("\n\n".join(parts))
     if data:
         tag = report_tag(path)
+        png = faithfulness_png(folder, tag)
+        if data.get("faithfulness") and png.is_file():
+            report.curves.append((str(png), "Mean deletion (top) and insertion (bottom) curves, true class"))
         report_keys = [k for k in [*keys, ENSEMBLE_KEY] if k in data]
         classes = list(data[report_keys[0]]["per_class"]) if report_keys else []
         report.per_class_headers = ["species"] + [models[k].display_name if k in models else "Ensemble"
@@ -90,3 +99,90 @@ def _summary_table(keys: list[str], models: dict[str, LoadedModel], data: dict) 
         rows.append(f"| **Ensemble** (mean softmax) | — | {percent(r['accuracy'])} ({r['correct']}/{r['total']}) "
                     "| — | — |")
     return "\n".join(rows)
+
+
+def _name(key: str, models: dict[str, LoadedModel]) -> str:
+    return models[key].display_name if key in models else key
+
+
+def _share(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.0f}%"
+
+
+def faithfulness_markdown(section: dict, models: dict[str, LoadedModel]) -> str:
+    """The faithfulness table of a stored report, and plainly where a map loses."""
+    meta = section.get("meta", {})
+    rows = [f"### Are the maps faithful? ({meta.get('subset', '?')}, true class, {meta.get('points', '?')} points)",
+            "Deletion removes the pixels a map ranks highest (set to grey), 5 % at a time, and records the model's "
+            "probability of the true species: the faster it falls, the lower the area (AUC) and the more faithful "
+            "the map. Insertion restores them into a blurred photo: higher is better. *Beats the centre prior* is "
+            "the share of photos where the map's AUC beats a Gaussian at the photo centre (deletion / insertion). "
+            "The pointing game (map peak in the bird box) and the energy pointing game (share of the map's mass in "
+            "the box) come with their baselines: the photo centre in the box, the box's share of the crop.",
+            "",
+            "| model | map | deletion ↓ | insertion ↑ | beats centre prior (del / ins) | pointing game | "
+            "energy in box |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for key, model in section.get("models", {}).items():
+        for name, m in model["methods"].items():
+            wins = m.get("wins_vs_centre")
+            won = f"{_share(wins['deletion']['share'])} / {_share(wins['insertion']['share'])}" if wins else "—"
+            label = f"**{m['label']}** (default)" if name == model.get("default") else m["label"]
+            if m["kind"] == "baseline":
+                label = f"*{m['label']}*"
+            rows.append(f"| {_name(key, models)} | {label} | {m['deletion_auc']:.3f} | {m['insertion_auc']:.3f} | "
+                        f"{won} | {_share(m.get('pointing_game'))} | {_share(m.get('energy_pointing'))} |")
+        rows.append(f"| {_name(key, models)} | *baselines: centre point in box, box share of crop* | | | | "
+                    f"{_share(model.get('centre_point_baseline'))} | {_share(model.get('box_share_baseline'))} |")
+    text = "\n".join(rows)
+    peaks = _peaks(section, models)
+    if peaks:
+        text += "\n\n" + "\n".join(f"- {line}" for line in peaks)
+    lost = _losses(section, models)
+    if lost:
+        return text + "\n\n**Where a map loses:**\n\n" + "\n".join(f"- {line}" for line in lost)
+    return text + ("\n\nNo model's own map loses to a baseline here (mean deletion and insertion AUC against the "
+                   "centre prior, the random map and GradCAM where measured; per-photo wins against the centre prior; "
+                   "both pointing games).")
+
+
+def _peaks(section: dict, models: dict[str, LoadedModel]) -> list[str]:
+    found = []
+    for key, model in section.get("models", {}).items():
+        for m in model["methods"].values():
+            if m.get("peaks_differ_runner_up") is not None:
+                found.append(f"{_name(key, models)}'s {m['label']}: the peak for the true species differs from the "
+                             f"peak for the runner-up on {_share(m['peaks_differ_runner_up'])} of photos.")
+    return found
+
+
+def _losses(section: dict, models: dict[str, LoadedModel]) -> list[str]:
+    """Every place a model's own map does no better than a baseline, in words."""
+    lost = []
+    for key, model in section.get("models", {}).items():
+        methods = model["methods"]
+        for name, m in methods.items():
+            if m["kind"] != "method":
+                continue
+            who = f"**{_name(key, models)}'s {m['label']}**"
+            for rival in ("centre", "random", "gradcam"):
+                if rival not in methods:
+                    continue
+                r = methods[rival]
+                if m["deletion_auc"] >= r["deletion_auc"]:
+                    lost.append(f"{who} loses to the {r['label']} on deletion ({m['deletion_auc']:.3f} vs "
+                                f"{r['deletion_auc']:.3f}; lower is better).")
+                if m["insertion_auc"] <= r["insertion_auc"]:
+                    lost.append(f"{who} loses to the {r['label']} on insertion ({m['insertion_auc']:.3f} vs "
+                                f"{r['insertion_auc']:.3f}; higher is better).")
+            for mode, wins in (m.get("wins_vs_centre") or {}).items():
+                if wins["share"] < 0.5:
+                    lost.append(f"{who} beats the centre prior on only {_share(wins['share'])} of photos ({mode}).")
+            centre, share = model.get("centre_point_baseline"), model.get("box_share_baseline")
+            if m.get("pointing_game") is not None and centre is not None and m["pointing_game"] <= centre:
+                lost.append(f"{who}'s pointing game ({_share(m['pointing_game'])}) is no better than pointing at "
+                            f"the photo centre ({_share(centre)}).")
+            if m.get("energy_pointing") is not None and share is not None and m["energy_pointing"] <= share:
+                lost.append(f"{who} puts no more of its mass in the bird box ({_share(m['energy_pointing'])}) than "
+                            f"a flat map ({_share(share)}).")
+    return lost
