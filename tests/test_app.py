@@ -403,3 +403,16 @@ def test_examples_take_one_photo_per_class_folder(tmp_path):
     picked = find_examples(tmp_path, limit=4)
     assert [p.parent.name for p in picked[:3]] == ["001.A", "002.B", "003.C"] and len(picked) == 4
     assert find_examples(tmp_path / "missing") == [] and find_examples(None) == []
+
+
+def test_the_faithfulness_endpoint_answers_through_gradio_client(client, sample_photo):
+    """`/faithfulness`: the deletion test of each model's map on a photo, for a species."""
+    from gradio_client import handle_file
+
+    plot, verdict = client.predict(handle_file(str(sample_photo)), "", api_name="/faithfulness")
+    assert "held up best" in verdict
+    rows = plot["value"]["data"] if "value" in plot else plot["data"]
+    models = {row[-1] for row in rows}
+    assert len(models) == 3 and all(0.0 <= row[1] <= 1.0 for row in rows)
+    removed = sorted({row[0] for row in rows})
+    assert removed[0] == 0.0 and removed[-1] == 1.0 and len(removed) == 11  # 10 % steps

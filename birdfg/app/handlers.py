@@ -230,6 +230,7 @@ class Handlers:
         updates[page.per_class] = gr.update(value=per_class_table(report), visible=bool(report and report.per_class_rows))
         updates[page.confusion] = gr.update(value=report.confusion if report else [],
                                             visible=bool(report and report.confusion))
+        updates[page.curves] = gr.update(value=report.curves if report else [], visible=bool(report and report.curves))
         return updates
 
     def _engine(self, name: str | None) -> Engine | None:

@@ -101,6 +101,7 @@ class Page:
     report: gr.Markdown
     per_class: gr.Dataframe
     confusion: gr.Gallery
+    curves: gr.Gallery
     photo_credit: gr.Markdown | None = None  # whose photo is shown (an example's credit)
 
     @property
@@ -211,10 +212,13 @@ def build_page(sets: ModelSets, engine: Engine | None, problem: str | None, repo
                                  visible=bool(report and report.per_class_rows))
         confusion = gr.Gallery(report.confusion if report else [], label="Confusion matrices (val)", columns=3,
                                height=420, object_fit="contain", visible=bool(report and report.confusion))
+        curves = gr.Gallery(report.curves if report else [], label="Faithfulness: mean deletion and insertion curves",
+                            columns=1, height=520, object_fit="contain", visible=bool(report and report.curves),
+                            elem_id="faithfulness-curves")
 
     return Page(set_state, set_selector, status, photo, compare_button, api_compare, species, rather, opacity,
                 test_button, test_plot, test_verdict, example_set, columns, ensemble, agree, answer, batch_files,
-                batch_button, batch_csv, batch_table, report_md, per_class, confusion, photo_credit)
+                batch_button, batch_csv, batch_table, report_md, per_class, confusion, curves, photo_credit)
 
 
 def _model_column(key: str, engine: Engine | None) -> ModelColumn:

@@ -96,7 +96,7 @@ def wire(demo: gr.Blocks, page: Page, handlers: Handlers) -> None:
     set_outputs = [page.set_selector, page.set_state, page.status, page.species, page.rather, *page.menus,
                    *(c.header for c in columns), *(c.blurb for c in columns), *(c.label for c in columns),
                    *page.overlays, *page.maps, page.ensemble, page.agree, page.answer, page.test_verdict,
-                   page.test_plot, page.report, page.per_class, page.confusion]
+                   page.test_plot, page.report, page.per_class, page.confusion, page.curves]
     page.set_selector.input(handlers.select_set, [page.set_selector, page.set_state], set_outputs,
                             api_visibility="private", concurrency_id=MODELS, concurrency_limit=1)
     page.batch_button.click(handlers.batch, [page.batch_files, page.set_state], [page.batch_table, page.batch_csv],
