@@ -258,8 +258,13 @@ def print_faithfulness(summary: dict, engine: Engine) -> None:
               f"{_pct(model['centre_point_baseline']):>6} {_pct(model['box_share_baseline']):>7}")
 
 
-def save_faithfulness_png(summary: dict, engine: Engine, title: str, path: Path) -> None:
-    """The mean deletion (top row) and insertion (bottom row) curves, one column per model."""
+BASELINE_STYLES = {fm.CENTRE: ("tab:gray", "--"), fm.RANDOM: ("tab:red", ":"), fm.GRADCAM: ("tab:orange", "--")}
+METHOD_COLOURS = ("tab:blue", "tab:green", "tab:purple", "tab:brown")
+
+
+def save_faithfulness_png(summary: dict, names: dict[str, str], title: str, path: Path) -> None:
+    """The mean deletion (top row) and insertion (bottom row) curves, one column per model
+    (`names`: model key -> display name); the default map thickest, baselines dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,30 +272,34 @@ def save_faithfulness_png(summary: dict, engine: Engine, title: str, path: Path)
 
     keys = list(summary["models"])
     fracs = np.asarray(summary["fractions"]) * 100
-    fig, axes = plt.subplots(2, len(keys), figsize=(4.2 * len(keys), 6.4), dpi=90, sharex=True, sharey=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(2, len(keys), figsize=(4.2 * len(keys), 6.4), dpi=90, sharey=True, squeeze=False)
     for col, key in enumerate(keys):
         model = summary["models"][key]
         for row, mode in enumerate(fm.MODES):
             ax = axes[row][col]
+            own = iter(METHOD_COLOURS)
             for name, m in model["methods"].items():
-                style = {"linestyle": "--", "linewidth": 1.2} if m["kind"] == "baseline" else {"linewidth": 2}
-                if name == model["default"]:
-                    style["linewidth"] = 2.8
-                ax.plot(fracs, m[f"{mode}_curve"], label=f"{m['label']} ({m[f'{mode}_auc']:.3f})", **style)
-            ax.set_title(f"{engine.models[key].display_name}: {mode}", fontsize=9)
+                colour, line = BASELINE_STYLES.get(name) or (next(own, None), "-")
+                width = 2.8 if name == model["default"] else 1.3 if m["kind"] == "baseline" else 1.8
+                ax.plot(fracs, m[f"{mode}_curve"], color=colour, linestyle=line, linewidth=width,
+                        label=f"{m['label']} ({m[f'{mode}_auc']:.3f})")
+            ax.set_title(f"{names.get(key, key)}: {mode}", fontsize=9)
             ax.set_ylim(0, 1)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6.5, loc="upper right" if mode == fm.DELETION else "lower right")
             ax.set_xlabel(f"% of pixels {'removed' if mode == fm.DELETION else 'restored'}, most salient first",
                           fontsize=8)
-            ax.xaxis.set_tick_params(labelbottom=True)
-    axes[0][0].set_ylabel("mean probability of the true class")
-    axes[1][0].set_ylabel("mean probability of the true class")
+        axes[0][0].set_ylabel("mean probability of the true class")
+        axes[1][0].set_ylabel("mean probability of the true class")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def faithfulness_title(tag: str, meta: dict) -> str:
+    return (f"Mean deletion and insertion curves, true class ({tag}, {meta['photos']} photos, {meta['points']} "
+            "points); AUC in brackets")
 
 
 # --- where the report goes --------------------------------------------------------------------------
@@ -442,7 +451,10 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate(engine, items, args.data, args.batch_size, boxes)
     report["_meta"] = {"split": args.split, "split_file": str(args.split_file) if args.split_file else None,
                        "data": str(args.data), "checkpoints": str(args.checkpoints),
-                       "command": "python -m birdfg.evaluate " + " ".join(shlex.quote(a) for a in argv)}
+                       "command": "python -m birdfg.evaluate " + " ".join(shlex.quote(a) for a in argv),
+                       "trained": {k: {"command": m.meta.get("trained", {}).get("command"),
+                                       "split": m.meta.get("metrics", {}).get("split")}
+                                   for k, m in model_set.models.items()}}
     if args.faithfulness:
         chosen = evenly_spaced(items, args.limit)
         result = faithfulness(engine, chosen, boxes, args.faithfulness_steps, gradcam=not args.no_gradcam,
@@ -467,9 +479,8 @@ def main(argv: list[str] | None = None) -> int:
                                f"{engine.models[key].display_name} ({tag})", store / layout.confusion_name(key, tag))
         if "faithfulness" in report:
             meta = report["faithfulness"]["meta"]
-            save_faithfulness_png(report["faithfulness"], engine,
-                                  f"Mean deletion and insertion curves, true class ({tag}, {meta['photos']} photos, "
-                                  f"{meta['points']} points); AUC in brackets", store / layout.faithfulness_name(tag))
+            save_faithfulness_png(report["faithfulness"], {k: m.display_name for k, m in engine.models.items()},
+                                  faithfulness_title(tag, meta), store / layout.faithfulness_name(tag))
         (store / layout.report_name(tag)).write_text(json.dumps(report, indent=1))
         print(f"stored the report in {store}")
     return 0

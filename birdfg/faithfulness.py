@@ -344,9 +344,11 @@ def _inputs(comparison: "Comparison", key: str, engine: "Engine", photo: "Image.
 def deletion_test(engine: "Engine", comparison: "Comparison", photo: "Image.Image | None" = None,
                   classes: dict[str, int] | None = None, steps: int = 10) -> dict[str, dict]:
     """The deletion test of each model's default map for `classes[key]` (default: the model's
-    own top guess) on one photo (a comparison with evidence): per model {"method", "label",
-    "fractions", "probs", "auc"}. One batched pass per group of models (the lite set: one pass
-    for all three); the unperturbed point is the comparison's own probability."""
+    own top guess) on one photo (a comparison with evidence, e.g. `Engine.compare`'s): per model
+    {"method", "label", "class_index", "fractions", "probs", "auc"}. The perturbed inputs come
+    from the input tensor the comparison's own pass saw (its evidence keeps it); `photo` is used
+    only when it does not. One batched pass per group of models (the lite set: one pass for all
+    three); the unperturbed point is the comparison's own probability."""
     classes = classes or {}
     answered = [k for k in engine.models if k in comparison.results and comparison.results[k].ok]
     out: dict[str, dict] = {}

@@ -280,7 +280,8 @@ def test_models_tab_shows_the_faithfulness_table_and_says_where_a_map_loses(tmp_
     folder = tmp_path / "lite"
     report_path(folder).parent.mkdir(parents=True)
     section = {"meta": {"subset": "all 103 photos", "points": 21}, "fractions": [0, 1], "models": {
-        "cnn": {"default": "cam", "centre_point_baseline": 0.97, "box_share_baseline": 0.4, "methods": {
+        "cnn": {"default": "cam", "centre_point_baseline": 0.97, "box_share_baseline": 0.4,
+                "gradcam_vs_relu_default_max": 7e-6, "methods": {
             "cam": _method("Class activation map", "method", 0.15, 0.63),
             "centre": _method("centre prior (Gaussian)", "baseline", 0.23, 0.55, wins=None, pointing=0.97),
             "random": _method("random map", "baseline", 0.31, 0.38)}},
@@ -295,17 +296,22 @@ def test_models_tab_shows_the_faithfulness_table_and_says_where_a_map_loses(tmp_
     assert "| Class activation map" in report.summary or "**Class activation map** (default)" in report.summary
     assert "0.150 | 0.630 | 90% / 90%" in report.summary
     assert "differs from the peak for the runner-up on 80%" in report.summary
+    assert "GradCAM on " + models["cnn"].display_name + " is its Class activation map with the negative part" in report.summary
     lost = report.summary.split("Where a map loses")[1]
     assert "Rollout (all layers)** loses to the centre prior (Gaussian) on deletion (0.250 vs 0.240" in lost
     assert "only 40% of photos (deletion)" in lost
     assert "pointing game (95%) is no better than pointing at the photo centre (97%)" in lost
+    assert "the default, loses to the same model's Rollout (all layers) on insertion (0.700 vs 0.720)" in lost
+    assert "on deletion (0.180" not in lost  # relevance beats rollout on deletion
     assert "Class activation map** loses" not in lost
     assert report.curves == []  # no PNG yet
     Image.new("RGB", (40, 40)).save(faithfulness_png(folder))
     assert [Path(p).name for p, _ in read_report(folder, models).curves] == ["faithfulness_val.png"]
 
-    for m in section["models"]["vit"]["methods"].values():  # nothing loses: the text says so
+    for name, m in section["models"]["vit"]["methods"].items():  # nothing loses: the text says so
         m["deletion_auc"], m["insertion_auc"] = (0.1, 0.9) if m["kind"] == "method" else (0.3, 0.5)
+        if name == "relevance":  # the default beats the model's other maps too
+            m["deletion_auc"], m["insertion_auc"] = 0.09, 0.91
         m["pointing_game"], m["wins_vs_centre"] = 0.99, {"deletion": {"share": 0.9}, "insertion": {"share": 0.9}}
     for model in section["models"].values():
         model["centre_point_baseline"] = 0.5

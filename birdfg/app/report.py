@@ -135,7 +135,7 @@ def faithfulness_markdown(section: dict, models: dict[str, LoadedModel]) -> str:
         rows.append(f"| {_name(key, models)} | *baselines: centre point in box, box share of crop* | | | | "
                     f"{_share(model.get('centre_point_baseline'))} | {_share(model.get('box_share_baseline'))} |")
     text = "\n".join(rows)
-    peaks = _peaks(section, models)
+    peaks = _notes(section, models)
     if peaks:
         text += "\n\n" + "\n".join(f"- {line}" for line in peaks)
     lost = _losses(section, models)
@@ -146,8 +146,15 @@ def faithfulness_markdown(section: dict, models: dict[str, LoadedModel]) -> str:
                    "both pointing games).")
 
 
-def _peaks(section: dict, models: dict[str, LoadedModel]) -> list[str]:
+def _notes(section: dict, models: dict[str, LoadedModel]) -> list[str]:
+    """GradCAM against CAM, and how often a class-specific map's peak moves with the class."""
     found = []
+    for key, model in section.get("models", {}).items():
+        gap, default = model.get("gradcam_vs_relu_default_max"), model["methods"].get(model.get("default"), {})
+        if gap is not None and gap < 1e-3:
+            found.append(f"pytorch-grad-cam's GradCAM on {_name(key, models)} is its {default.get('label', 'map')} "
+                         f"with the negative part cut, scaled to [0, 1] (largest difference {gap:.1g}), as theory says "
+                         "for a linear head on pooled features: the two differ only in how the cut part is ordered.")
     for key, model in section.get("models", {}).items():
         for m in model["methods"].values():
             if m.get("peaks_differ_runner_up") is not None:
@@ -178,9 +185,19 @@ def _losses(section: dict, models: dict[str, LoadedModel]) -> list[str]:
             for mode, wins in (m.get("wins_vs_centre") or {}).items():
                 if wins["share"] < 0.5:
                     lost.append(f"{who} beats the centre prior on only {_share(wins['share'])} of photos ({mode}).")
+            if name == model.get("default"):  # the default against the model's other maps
+                for other, o in methods.items():
+                    if other == name or o["kind"] != "method":
+                        continue
+                    if m["deletion_auc"] >= o["deletion_auc"]:
+                        lost.append(f"{who}, the default, loses to the same model's {o['label']} on deletion "
+                                    f"({m['deletion_auc']:.3f} vs {o['deletion_auc']:.3f}).")
+                    if m["insertion_auc"] <= o["insertion_auc"]:
+                        lost.append(f"{who}, the default, loses to the same model's {o['label']} on insertion "
+                                    f"({m['insertion_auc']:.3f} vs {o['insertion_auc']:.3f}).")
             centre, share = model.get("centre_point_baseline"), model.get("box_share_baseline")
             if m.get("pointing_game") is not None and centre is not None and m["pointing_game"] <= centre:
-                lost.append(f"{who}'s pointing game ({_share(m['pointing_game'])}) is no better than pointing at "
+                lost.append(f"{who}: its pointing game ({_share(m['pointing_game'])}) is no better than pointing at "
                             f"the photo centre ({_share(centre)}).")
             if m.get("energy_pointing") is not None and share is not None and m["energy_pointing"] <= share:
                 lost.append(f"{who} puts no more of its mass in the bird box ({_share(m['energy_pointing'])}) than "
