@@ -48,15 +48,10 @@ def _hit(peak: tuple[float, float], box: Box, photo_size: tuple[int, int]) -> bo
     return left <= peak[0] <= right and top <= peak[1] <= bottom
 
 
-def evaluate(engine: Engine, items: list[Sample], data_dir: Path, batch_size: int = 16,
-             boxes: dict | None = None) -> dict:
-    """Accuracy, per-class accuracy, confusion matrices and (with `boxes`) pointing game."""
-    classes = engine.classes
-    keys = list(engine.models) + [ENSEMBLE_KEY]
-    confusion = {k: MulticlassConfusionMatrix(num_classes=len(classes)) for k in keys}
-    hits = {k: [0, 0] for k in engine.models}
-    skipped = []
-    for start in tqdm(range(0, len(items), batch_size), desc="evaluating", unit="batch"):
+def opened_batches(items: list[Sample], batch_size: int, skipped: list[str]):
+    """(samples, photos) of `items` in chunks of `batch_size`, the unreadable ones left out (with a
+    warning, their paths appended to `skipped`); a chunk may come out empty."""
+    for start in range(0, len(items), batch_size):
         batch, photos = [], []
         for item in items[start:start + batch_size]:
             try:
@@ -65,6 +60,19 @@ def evaluate(engine: Engine, items: list[Sample], data_dir: Path, batch_size: in
             except ImageError as exc:
                 log.warning("skipping %s", exc)
                 skipped.append(str(item.path))
+        yield batch, photos
+
+
+def evaluate(engine: Engine, items: list[Sample], data_dir: Path, batch_size: int = 16,
+             boxes: dict | None = None) -> dict:
+    """Accuracy, per-class accuracy, confusion matrices and (with `boxes`) pointing game."""
+    classes = engine.classes
+    keys = list(engine.models) + [ENSEMBLE_KEY]
+    confusion = {k: MulticlassConfusionMatrix(num_classes=len(classes)) for k in keys}
+    hits = {k: [0, 0] for k in engine.models}
+    skipped = []
+    chunks = -(-len(items) // batch_size)
+    for batch, photos in tqdm(opened_batches(items, batch_size, skipped), total=chunks, desc="evaluating", unit="batch"):
         if not batch:
             continue
         comparisons = engine.run(photos, evidence=boxes is not None)
@@ -132,15 +140,7 @@ def faithfulness(engine: Engine, items: list[Sample], boxes: dict | None, steps:
     per_photo, names, skipped = [], [], []
     began = time.perf_counter()
     with tqdm(total=len(items), desc="faithfulness", unit="photo") as bar:
-        for start in range(0, len(items), batch_size):
-            batch, photos = [], []
-            for item in items[start:start + batch_size]:
-                try:
-                    photos.append(open_rgb(item.path))
-                    batch.append(item)
-                except ImageError as exc:
-                    log.warning("skipping %s", exc)
-                    skipped.append(str(item.path))
+        for start, (batch, photos) in zip(range(0, len(items), batch_size), opened_batches(items, batch_size, skipped)):
             if batch:
                 for comparison, item, photo in zip(engine.run(photos, evidence=True), batch, photos):
                     box = boxes.get(item.path.resolve()) if boxes is not None else None

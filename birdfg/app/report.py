@@ -36,6 +36,17 @@ def report_file(folder: Path) -> Path | None:
     return others[0] if others else None
 
 
+def _auc_losses(loses: str, mine: dict, theirs: dict) -> list[str]:
+    """The sentences saying where a map's mean AUCs are no better than another's."""
+    lost = []
+    if mine["deletion_auc"] >= theirs["deletion_auc"]:
+        lost.append(f"{loses} on deletion ({mine['deletion_auc']:.3f} vs {theirs['deletion_auc']:.3f}; lower is better).")
+    if mine["insertion_auc"] <= theirs["insertion_auc"]:
+        lost.append(f"{loses} on insertion ({mine['insertion_auc']:.3f} vs {theirs['insertion_auc']:.3f}; "
+                    "higher is better).")
+    return lost
+
+
 def read_report(folder: Path, models: dict[str, LoadedModel]) -> Report:
     """The Models tab of the set in `folder` whose loaded models are `models`."""
     folder = Path(folder)
@@ -175,13 +186,7 @@ def _losses(section: dict, models: dict[str, LoadedModel]) -> list[str]:
             for rival in ("centre", "random", "gradcam"):
                 if rival not in methods:
                     continue
-                r = methods[rival]
-                if m["deletion_auc"] >= r["deletion_auc"]:
-                    lost.append(f"{who} loses to the {r['label']} on deletion ({m['deletion_auc']:.3f} vs "
-                                f"{r['deletion_auc']:.3f}; lower is better).")
-                if m["insertion_auc"] <= r["insertion_auc"]:
-                    lost.append(f"{who} loses to the {r['label']} on insertion ({m['insertion_auc']:.3f} vs "
-                                f"{r['insertion_auc']:.3f}; higher is better).")
+                lost += _auc_losses(f"{who} loses to the {methods[rival]['label']}", m, methods[rival])
             for mode, wins in (m.get("wins_vs_centre") or {}).items():
                 if wins["share"] < 0.5:
                     lost.append(f"{who} beats the centre prior on only {_share(wins['share'])} of photos ({mode}).")
@@ -189,12 +194,7 @@ def _losses(section: dict, models: dict[str, LoadedModel]) -> list[str]:
                 for other, o in methods.items():
                     if other == name or o["kind"] != "method":
                         continue
-                    if m["deletion_auc"] >= o["deletion_auc"]:
-                        lost.append(f"{who}, the default, loses to the same model's {o['label']} on deletion "
-                                    f"({m['deletion_auc']:.3f} vs {o['deletion_auc']:.3f}).")
-                    if m["insertion_auc"] <= o["insertion_auc"]:
-                        lost.append(f"{who}, the default, loses to the same model's {o['label']} on insertion "
-                                    f"({m['insertion_auc']:.3f} vs {o['insertion_auc']:.3f}).")
+                    lost += _auc_losses(f"{who}, the default, loses to the same model's {o['label']}", m, o)
             centre, share = model.get("centre_point_baseline"), model.get("box_share_baseline")
             if m.get("pointing_game") is not None and centre is not None and m["pointing_game"] <= centre:
                 lost.append(f"{who}: its pointing game ({_share(m['pointing_game'])}) is no better than pointing at "
