@@ -2,12 +2,15 @@
 
     sets.py          which model sets exist, each one's engine loaded once (a small LRU)
     session.py       the last comparison of each visitor
-    view.py          how a visitor wants the maps drawn, the map menus, drawing through the engine
+    view.py          the map menus (from each model's explanation methods)
+    map_data.py      each model's maps as data for the page
+    maps.js          drawing them in the browser (canvas), without a request
+    mcp_server.py    --mcp: Gradio's MCP server, with two fixes
     presentation.py  what the widgets say (headers, labels, agreement, status)
     report.py        the Models tab (the stored evaluation report)
     batch.py         batch mode: table and CSV
     files.py         files handed to Gradio and their lifetime
-    examples.py      the example photos
+    examples.py      the example photos and their credits
     worker.py        the one thread that runs model work
     page.py          the components and their layout
     handlers.py      what each event does (dicts keyed by component)

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from birdfg.checkpoints import LoadedModel, ModelSet
-from birdfg.data import build_transform, display_name
+from birdfg.data import build_transform
 from birdfg.explanations import Evidence, Explanation, explanations_of
 from birdfg.images import ImageSource, open_rgb
 from birdfg.inference.parts import GroupPart, ModelPart, Outputs
@@ -227,13 +227,6 @@ class Engine:
         box = tuple(v * scale for v in comparison.boxes[key])
         return [(caption, overlay(small, grid, box, 0.6)) for caption, grid in terms]
 
-    def caption(self, comparison: Comparison, key: str, class_index: int | None = None,
-                method: str | None = None, rather: int | None = None, **options: Any) -> str:
-        chosen = self.method(key, method)
-        own = comparison.predicted(key)
-        c = own if class_index is None else class_index
-        against = display_name(self.classes[rather]) if rather is not None and rather != c else None
-        return chosen.caption(display_name(self.classes[c]), c == own, against, **chosen.resolve(options))
 
 
 def _evidence(comparison: Comparison, key: str) -> Evidence:
