@@ -139,7 +139,9 @@ class Handlers:
     def _complete_maps(self, engine: Engine, comparison: Comparison, extra: int | None = None) -> Updates:
         """The maps of every model whose first answer left classes out, for every class (and
         rather than class `extra` too)."""
-        against = rivals(comparison) + ([extra] if extra is not None and extra not in rivals(comparison) else [])
+        against = rivals(comparison)
+        if extra is not None and extra not in against:
+            against.append(extra)
         return {column.maps: self._model_maps(engine, comparison, key, against=against)
                 for key, column in self.page.columns.items() if needs_more(engine, comparison, key)}
 
