@@ -1,6 +1,6 @@
 """What a visitor waits for: the app in a real headless Chromium, against a bare Gradio app.
 
-    python benchmarks/bench_browser.py [--photos 10] [--json OUT] [--checkpoints DIR]
+    python benchmarks/bench_browser.py [--photos 10] [--json OUT] [--checkpoints DIR] [--baseline DIR]
 
 Starts `python app.py --port P` and the floor, `python benchmarks/floor_app.py --port Q --events
 text` and `... --events images` (Gradio apps that do no work: a photo upload starts one event that
@@ -33,6 +33,10 @@ visitor). Figures, in ms, median and every sample:
   the second update's maps (`model_maps` for every class of the models whose first answer left
   classes out).
 
+`--baseline DIR`: another checkout of birdfg (e.g. `git worktree add ../birdfg-main main`) runs
+its own `app.py` too, with the same checkpoints, and takes its turn on every photo (before the app
+on odd photos, after it on even ones): figures `baseline` beside `app`, for an A/B in one run.
+
 Every time is the page's own clock (performance.now()): marks are taken in the page by a
 MutationObserver and load/keydown/input listeners, so Playwright's polling is not in them.
 Before the switches the page settles: until the ViT's second update has been drawn (or 5 s after
@@ -53,7 +57,7 @@ import sys
 import threading
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -165,11 +169,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(name: str, args: list[str], timeout: float = 300):
-    """`python ARGS --port P` from the repository root; yields its URL once it answers HTTP."""
+def server(name: str, args: list[str], timeout: float = 300, cwd: Path = ROOT):
+    """`python ARGS --port P` in `cwd` (the repository root); yields its URL once it answers HTTP."""
     port = free_port()
     env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, *args, "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, *args, "--port", str(port)], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()  # drain its output
@@ -387,6 +391,9 @@ def table(report: dict) -> str:
         ("app: species switch -> redrawn", f["app"]["species_switch"], f"<= {TARGET_SWITCH_MS}", TARGET_SWITCH_MS),
         ('app: "rather than" switch -> redrawn', f["app"]["rather_switch"], f"<= {TARGET_SWITCH_MS}", TARGET_SWITCH_MS),
         ("app: opacity change -> redrawn", f["app"]["opacity_switch"], f"<= {TARGET_SWITCH_MS}", TARGET_SWITCH_MS),
+        *([("baseline: drop -> three maps drawn", f["baseline"]["drop_to_maps"], "", None),
+           ("baseline: drop -> labels + agreement", f["baseline"]["drop_to_labels"], "", None),
+           ("baseline: species switch -> redrawn", f["baseline"]["species_switch"], "", None)] if "baseline" in f else []),
         ("floor: drop -> text shown", f["floor"]["drop_to_text"], "", None),
         ("floor: drop -> three images loaded", f["floor"]["drop_to_images"], "", None),
         ("in-process: compare + first maps", f["inprocess"]["inprocess_ms"], "", None),
@@ -408,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoints", type=Path, default=None,
                    help="model set for the app (passed as --checkpoints) and the in-process run "
                         "(default: the app's own choice; in-process checkpoints/lite)")
+    p.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                   help="another birdfg checkout whose app.py is timed too, photo by photo (an A/B in one run)")
     p.add_argument("--settle-ms", type=float, default=300,
                    help="before each switch: no map redrawn for this long (default: 300)")
     args = p.parse_args(argv)
@@ -444,14 +453,23 @@ def main(argv: list[str] | None = None) -> int:
         "each_photo": ("a fresh browser context and page per photo and app; app, text floor and image floor take "
                        "turns photo by photo"),
     }
+    if args.baseline and not (args.baseline / "app.py").is_file():
+        p.error(f"--baseline {args.baseline}: no app.py there (a birdfg checkout is needed)")
     app_args = ["app.py"] + (["--checkpoints", str(args.checkpoints)] if args.checkpoints else [])
-    app_samples, floor_samples = [], []
+    app_samples, floor_samples, baseline_samples = [], [], []
     try:
         floor = str(Path("benchmarks") / "floor_app.py")
-        with server("app.py", app_args) as app_url, \
-                server("floor_app.py --events text", [floor, "--events", "text"]) as text_url, \
-                server("floor_app.py --events images", [floor, "--events", "images"]) as images_url, \
-                sync_playwright() as playwright:
+        with ExitStack() as stack:
+            app_url = stack.enter_context(server("app.py", app_args))
+            baseline_url = None
+            if args.baseline:
+                checkpoints = (args.checkpoints or ROOT / "checkpoints" / "lite").resolve()
+                baseline_url = stack.enter_context(server(
+                    "baseline app.py", ["app.py", "--checkpoints", str(checkpoints)], cwd=args.baseline.resolve()))
+                report["baseline"] = "another checkout's app.py (--baseline), same checkpoints"
+            text_url = stack.enter_context(server("floor_app.py --events text", [floor, "--events", "text"]))
+            images_url = stack.enter_context(server("floor_app.py --events images", [floor, "--events", "images"]))
+            playwright = stack.enter_context(sync_playwright())
             floor_urls = {"text": text_url, "images": images_url}
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             import gradio
@@ -459,17 +477,25 @@ def main(argv: list[str] | None = None) -> int:
             report["machine"].update(chromium=browser.version, gradio=gradio.__version__)
             for i, photo in enumerate([warm_up, *photos]):
                 opacity = OPACITIES[i % len(OPACITIES)]
+                base = None
+                if baseline_url and i % 2:
+                    base = app_photo(browser, baseline_url, photo, args.settle_ms, opacity)
                 a = app_photo(browser, app_url, photo, args.settle_ms, opacity)
+                if baseline_url and not i % 2:
+                    base = app_photo(browser, baseline_url, photo, args.settle_ms, opacity)
                 f = floor_photos(browser, floor_urls, photo)
                 label = "warm-up" if i == 0 else f"{i}/{len(photos)}"
                 print(f"[{label}] {a['photo']}: app maps {a['drop_to_maps']:.0f} labels {a['drop_to_labels']:.0f} "
                       f"species {a['species_switch']:.0f} rather {a['rather_switch']:.0f} "
                       f"opacity {a['opacity_switch']:.0f} ms; floor text {f['drop_to_text']:.0f} "
-                      f"images {f['drop_to_images']:.0f} ms" + (f"; pending: {a['pending']}" if a["pending"] else ""),
+                      f"images {f['drop_to_images']:.0f} ms" + (f"; pending: {a['pending']}" if a["pending"] else "")
+                      + (f"; baseline maps {base['drop_to_maps']:.0f} labels {base['drop_to_labels']:.0f}" if base else ""),
                       flush=True)
                 if i:
                     app_samples.append(a)
                     floor_samples.append(f)
+                    if base:
+                        baseline_samples.append(base)
                 else:
                     report["app_set"] = a["status"].replace(str(ROOT), ".")  # no local paths in the output
             browser.close()
@@ -485,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                 "opacity_switch", "file_event")
     report["figures"] = {
         "app": {k: summary([s[k] for s in app_samples]) for k in app_keys},
+        **({"baseline": {k: summary([s[k] for s in baseline_samples]) for k in app_keys}} if baseline_samples else {}),
         "floor": {k: summary([s[k] for s in floor_samples]) for k in ("drop_to_text", "drop_to_images", "file_event")},
         "inprocess": {k: summary(measured[k]) for k in ("inprocess_ms", "inprocess_complete_ms")},
     }
@@ -492,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     report["runtimes"] = measured["runtimes"]
     report["app_samples"] = [rounded({k: v for k, v in s.items() if k != "status"}) for s in app_samples]
     report["floor_samples"] = [rounded(s) for s in floor_samples]
+    if baseline_samples:
+        report["baseline_samples"] = [rounded({k: v for k, v in s.items() if k != "status"}) for s in baseline_samples]
     report["pending_switches"] = sum(len(s["pending"]) for s in app_samples)
     report["machine"]["load_average_end"] = load_average()
     report["seconds"] = round(time.perf_counter() - started, 1)

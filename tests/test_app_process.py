@@ -52,3 +52,48 @@ def test_process_settings_reach_openmp_before_torch_loads():
                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "GOMP_SPINCOUNT": ""})
     assert out.stdout.split() == [str(process.GOMP_SPIN_COUNT), "True"], out.stderr
     assert "imported before" not in out.stderr
+
+
+def test_an_uploaded_photo_is_prepared_before_its_event_asks(tmp_path):
+    """The head start (birdfg/app/head_start.py) in a real Gradio server: gradio_client uploads a
+    photo, the upload route's answer starts `prepare` on the model thread, and the event that asks
+    for the photo takes what it made; another set's event, and a file that is no photo, get nothing."""
+    import gradio as gr
+    from gradio_client import Client, handle_file
+    from PIL import Image
+    from starlette.middleware import Middleware
+
+    from birdfg.app.head_start import HeadStart, UploadWatch
+
+    runner = TorchThread()
+    head = HeadStart(lambda: "lite", worker=runner)
+    head.prepare = lambda set_name, path: f"{set_name}:{Path(path).stat().st_size}:{threading.get_ident()}"
+    photo = tmp_path / "bird.jpg"
+    Image.new("RGB", (64, 48), (200, 120, 40)).save(photo)
+    (tmp_path / "notes.txt").write_text("not a photo")
+
+    def asked(file: str, set_name: str) -> str:
+        return str(runner.call(head.take, set_name, file))
+
+    with gr.Blocks() as demo:
+        file, set_name, answer = gr.File(type="filepath"), gr.Textbox(), gr.Textbox()
+        gr.Button().click(asked, [file, set_name], answer, api_name="asked")
+    answers = []
+
+    def visitor():
+        try:
+            client = Client(url, verbose=False)
+            answers.append(client.predict(handle_file(str(photo)), "lite", api_name="/asked"))
+            answers.append(client.predict(handle_file(str(photo)), "other", api_name="/asked"))
+            answers.append(client.predict(handle_file(str(tmp_path / "notes.txt")), "lite", api_name="/asked"))
+        finally:
+            runner.stop()
+
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True,
+                            app_kwargs={"middleware": [Middleware(UploadWatch, on_upload=head.uploaded)]})
+    try:
+        runner.serve_forever(start=threading.Thread(target=visitor).start, poll_s=0.05)
+    finally:
+        demo.close()
+    assert answers[0] == f"lite:{photo.stat().st_size}:{threading.get_ident()}"  # made on the model thread
+    assert answers[1:] == ["None", "None"]

@@ -12,6 +12,7 @@
     files.py         files handed to Gradio and their lifetime
     examples.py      the example photos and their credits
     worker.py        the one thread that runs model work
+    head_start.py    a photo compared as soon as its upload lands
     page.py          the components and their layout
     handlers.py      what each event does (dicts keyed by component)
     ui.py            wiring and the server

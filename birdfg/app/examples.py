@@ -170,15 +170,3 @@ def example_gallery(photos: list[Path], photo: gr.Image) -> gr.Examples | None:
         with gr.Accordion(CREDITS_TITLE, open=True):
             gr.Markdown(text, elem_id="example-credits")
     return examples
-
-
-def show_credit_of_photo(photo: gr.Image, credit: gr.Markdown | None, photos: list[Path]) -> None:
-    """Keep `credit` (the line under the photo box) saying whose photo is shown: an example's
-    attribution after a click, nothing for the visitor's own photo."""
-    credits = Credits(photos)
-    if credit is None or not credits:
-        return
-    # preprocess=False: the file as sent (Gradio's preprocessing would re-encode it, and the
-    # bytes are what identifies an example); queue=False: a hash, no model work.
-    photo.change(credits.for_payload, photo, credit, preprocess=False, queue=False, api_visibility="private",
-                 show_progress="hidden")

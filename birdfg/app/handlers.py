@@ -3,7 +3,10 @@ leaves out keep their value); the ones that run models hand their whole event to
 thread at once (birdfg/app/worker.py)."""
 from __future__ import annotations
 
+import json
 import logging
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
@@ -11,7 +14,9 @@ import pandas as pd
 from gradio.blocks import Block
 
 from birdfg.app.batch import MAX_BATCH, classify_files, display_table
+from birdfg.app.examples import Credits
 from birdfg.app.files import OutputFiles
+from birdfg.app.head_start import HeadStart
 from birdfg.app.map_data import NOTHING, model_maps, needs_more, rather_choices, rather_index, rivals
 from birdfg.app.page import Page, menu_update, per_class_table
 from birdfg.app.presentation import (PREDICTED, agreement, blurb, column_header, faithfulness_verdict, set_status,
@@ -32,6 +37,9 @@ log = logging.getLogger("birdfg.app")
 # Gradio resolves the handlers' annotations to find `gr.Request`: every name in them must exist
 # at run time, or it silently passes no request.
 Updates = dict[Block, Any]
+# Between the first and the second update of a comparison: the browser draws the first one
+# meanwhile, on the same two cores the second one would otherwise take.
+DRAW_FIRST_S = 0.15
 NO_PHOTO = "No photo received: upload, paste or take a photo of a bird first."
 
 
@@ -42,25 +50,51 @@ def error_answer(message: str) -> dict[str, str]:
     return {"error": message}
 
 
+@dataclass
+class FirstAnswer:
+    """A photo's comparison and each model's maps for the page's first update (model_maps'
+    quick answer, as the map component's value)."""
+    comparison: Comparison
+    maps: dict[str, str | None]
+
+
 class Handlers:
     def __init__(self, sets: ModelSets, cache: ResultCache, files: OutputFiles, page: Page,
-                 default_problem: str | None = None):
+                 default_problem: str | None = None, credits: Credits | None = None,
+                 head_start: HeadStart | None = None):
         self.sets, self.cache, self.files, self.page = sets, cache, files, page
+        self.head_start = head_start  # comparisons started when their photo arrived
+        self.credits = credits  # the examples' attributions, shown under the photo when it is one
         self.default_problem = default_problem  # why the default set did not load, if it did not
         self.memory_guard = GrowthGuard()
 
     # --- compare -----------------------------------------------------------------------------------
 
-    def _comparison(self, image: Any, set_name: str, session: str) -> tuple[Engine | None, Comparison | None, str | None]:
-        """Compare the photo with every model of the set and keep the result for the session;
-        (engine, comparison, None), or (None, None, what is wrong and what to do)."""
+    def first_answer(self, set_name: str, path: str) -> FirstAnswer:
+        """The photo's comparison and the maps of the page's first update (the head start's job,
+        on the model thread)."""
+        engine = self.sets.get(set_name)
+        comparison = engine.compare(path)
+        return FirstAnswer(comparison, {key: self._model_maps(engine, comparison, key, every_class=False)
+                                        for key in self.page.columns})
+
+    def _started(self, image: Any, set_name: str) -> FirstAnswer | None:
+        """The head start's answer for this photo and set, if it has one ready."""
+        path = image.get("path") if isinstance(image, dict) else image
+        return self.head_start.take(set_name, path) if self.head_start and path else None
+
+    def _comparison(self, image: Any, set_name: str, session: str,
+                    started: FirstAnswer | None = None) -> tuple[Engine | None, Comparison | None, str | None]:
+        """Compare the photo with every model of the set (or take `started`'s comparison) and keep
+        the result for the session; (engine, comparison, None), or (None, None, what is wrong and
+        what to do)."""
         self.cache.drop(session)
         if not image:
             return None, None, NO_PHOTO
         path = image.get("path") if isinstance(image, dict) else image  # the upload, unprocessed
         try:
             engine = self.sets.get(set_name)
-            comparison = engine.compare(path)
+            comparison = started.comparison if started else engine.compare(path)
         except (ImageError, SetError) as exc:
             return None, None, str(exc).replace(str(path), "Your photo")
         except Exception as exc:  # noqa: BLE001 - a request must never take the app down
@@ -91,7 +125,7 @@ class Handlers:
         """
         page = self.page
         updates: Updates = {page.answer: None, **dict.fromkeys(page.overlays)}
-        engine, comparison, problem = self._comparison(image, set_name, session_of(request))
+        engine, comparison, problem = self._comparison(image, set_name, session_of(request), self._started(image, set_name))
         if problem:
             return {**updates, page.answer: error_answer(problem)}
         for key, column in page.columns.items():
@@ -110,12 +144,16 @@ class Handlers:
         first, engine, comparison = TORCH_THREAD.call(self._show, image, set_name, session_of(request))
         yield first
         if comparison is not None and any(needs_more(engine, comparison, key) for key in self.page.columns):
+            time.sleep(DRAW_FIRST_S)
             yield TORCH_THREAD.call(self._complete_maps, engine, comparison)
 
     def _show(self, image: Any, set_name: str, session: str) -> tuple[Updates, Engine | None, Comparison | None]:
         page = self.page
-        engine, comparison, problem = self._comparison(image, set_name, session)
+        started = self._started(image, set_name)
+        engine, comparison, problem = self._comparison(image, set_name, session, started)
         updates: Updates = {page.species: gr.update(value=PREDICTED), page.test_verdict: "", page.test_plot: None}
+        if page.photo_credit is not None and self.credits:
+            updates[page.photo_credit] = self.credits.for_payload(image)
         if problem:
             error_answer(problem)
             return {**updates, page.answer: {"error": problem}, **dict.fromkeys(page.maps),
@@ -126,15 +164,20 @@ class Handlers:
         for key, column in page.columns.items():
             updates[column.header] = column_header(engine, key, comparison)
             updates[column.label] = top5(comparison, key)
-            updates[column.maps] = self._model_maps(engine, comparison, key, every_class=False)
+            updates[column.maps] = (started.maps[key] if started else
+                                    self._model_maps(engine, comparison, key, every_class=False))
         return updates, engine, comparison
 
-    def _model_maps(self, engine: Engine, comparison: Comparison, key: str, **kwargs: Any) -> dict | None:
+    def _model_maps(self, engine: Engine, comparison: Comparison, key: str, **kwargs: Any) -> str | None:
+        """The map component's value: `model_maps` as one JSON string. The page keeps every value
+        in reactive state and copies it on each status message of an event; a string is one
+        value to copy, a nested object thousands (measured: ~100 ms of the drop's time)."""
         try:
-            return model_maps(engine, comparison, key, **kwargs)
+            data = model_maps(engine, comparison, key, **kwargs)
         except Exception as exc:  # noqa: BLE001 - one broken map must not hide the others
             log.exception("maps of %s failed", key)
-            return {"error": f"This map could not be drawn ({type(exc).__name__})."}
+            data = {"error": f"This map could not be drawn ({type(exc).__name__})."}
+        return None if data is None else json.dumps(data, separators=(",", ":"))
 
     def _complete_maps(self, engine: Engine, comparison: Comparison, extra: int | None = None) -> Updates:
         """The maps of every model whose first answer left classes out, for every class (and
@@ -184,7 +227,7 @@ class Handlers:
         comparison = self.cache.get(session, set_name)
         engine = self._engine(set_name)
         if comparison is None or engine is None or not image:  # the API, or a forgotten session
-            engine, comparison, problem = self._comparison(image, set_name, session)
+            engine, comparison, problem = self._comparison(image, set_name, session, self._started(image, set_name))
             if problem:
                 gr.Warning(problem)
                 return {page.test_plot: None, page.test_verdict: f"⚠ {problem}"}

@@ -115,10 +115,11 @@ if (!birdfg.setControls) {
     const [left, top, width, height] = box;
     if (width < 1 || height < 1) return;
     const cells = new ImageData(cols, rows);
-    const lut = props.turbo;
+    const lut = birdfg.turbo || (birdfg.turbo = birdfg.decodeBytes(props.turbo));  // 256 RGB triples
     for (let i = 0; i < rows * cols; i++) {
-      const c = lut[Math.min(255, Math.max(0, Math.round(((grid[i] - lo) / span) * 255)))];
-      cells.data[4 * i] = c[0]; cells.data[4 * i + 1] = c[1]; cells.data[4 * i + 2] = c[2]; cells.data[4 * i + 3] = 255;
+      const c = 3 * Math.min(255, Math.max(0, Math.round(((grid[i] - lo) / span) * 255)));
+      cells.data[4 * i] = lut[c]; cells.data[4 * i + 1] = lut[c + 1]; cells.data[4 * i + 2] = lut[c + 2];
+      cells.data[4 * i + 3] = 255;
     }
     const layer = birdfg.cellCanvas || (birdfg.cellCanvas = document.createElement("canvas"));
     layer.width = cols; layer.height = rows;
@@ -156,6 +157,14 @@ if (!birdfg.setControls) {
   let drawing = Promise.resolve();
 
   const photo = () => document.querySelector("#photo img");
+  // The value is the maps as one JSON string (birdfg/app/handlers.py says why); parsed once.
+  let parsed = { text: undefined, data: null };
+  const current = () => {
+    const value = props.value;
+    if (typeof value !== "string") return value || null;
+    if (parsed.text !== value) parsed = { text: value, data: JSON.parse(value) };
+    return parsed.data;
+  };
 
   const draw = async () => {
     const root = element.querySelector(".birdmap");
@@ -163,7 +172,7 @@ if (!birdfg.setControls) {
     const canvas = root.querySelector("canvas.birdmap-canvas");
     const caption = root.querySelector(".birdmap-caption");
     const parts = root.querySelector(".birdmap-parts");
-    const data = props.value;
+    const data = current();
     const image = photo();
     if (!data || !data.methods || !image) {
       canvas.width = canvas.height = 0;
@@ -196,7 +205,7 @@ if (!birdfg.setControls) {
   let drawn = null;  // what the canvas shows: the data's stamp and the view
   const redraw = (force) => {
     const job = () => {
-      const data = props.value;
+      const data = current();
       const now = JSON.stringify([data && data.stamp, birdfg.view.species, birdfg.view.rather, birdfg.view.opacity,
                                   birdfg.view.menus[key] || []]);
       if (!force && data && data.stamp && now === drawn) return;  // e.g. Gradio sending the same data again

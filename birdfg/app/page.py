@@ -2,6 +2,7 @@
 birdfg/app/ui.py wires these components to the handlers."""
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ species named under the map; the dimmed border is the part of the photo the mode
 (*"why X rather than Y?"*); clicking a species in a model's top 5 shows its maps too. The maps
 are redrawn in your browser: the models do not run again."""
 MAPS_JS = (Path(__file__).with_name("maps.js")).read_text()
+# The colour map as 768 bytes in base64: one string to hold in the page's state, not 256 lists
+TURBO_BYTES = base64.b64encode(TURBO.tobytes()).decode("ascii")
 MAP_SIDE = 512  # longer side of a drawn map, in canvas pixels
 PARTS_SIDE = 160
 MAP_TEMPLATE = """<div class="birdmap" id="map-${model}" data-rendered="0">
@@ -228,7 +231,7 @@ def _model_column(key: str, engine: Engine | None) -> ModelColumn:
         header = gr.Markdown(column_header(engine, key))
         text = gr.Markdown(blurb(engine, key), elem_classes=["blurb"])
         maps = gr.HTML(None, html_template=MAP_TEMPLATE, css_template=MAP_CSS, js_on_load=MAPS_JS,
-                       model=key, turbo=TURBO.tolist(), opacity=DEFAULT_OPACITY, runner_up_value=RUNNER_UP,
+                       model=key, turbo=TURBO_BYTES, opacity=DEFAULT_OPACITY, runner_up_value=RUNNER_UP,
                        side=MAP_SIDE, parts_side=PARTS_SIDE, elem_id=f"maps-{key}", apply_default_css=False)
         overlay = gr.Image(label=f"{key} explanation", type="filepath", interactive=False, visible=False,
                            elem_id=f"overlay-{key}")

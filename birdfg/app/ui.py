@@ -21,10 +21,12 @@ import os
 from pathlib import Path
 
 import gradio as gr
+from starlette.middleware import Middleware
 
-from birdfg.app.examples import offered_examples, show_credit_of_photo
+from birdfg.app.examples import Credits, offered_examples
 from birdfg.app.files import OutputFiles
 from birdfg.app.handlers import Handlers
+from birdfg.app.head_start import HeadStart, UploadWatch
 from birdfg.app.mcp_server import fix_gradio_mcp, require_mcp
 from birdfg.app.page import CSS, TITLE, Page, build_page, theme
 from birdfg.app.report import read_report
@@ -40,9 +42,10 @@ MODELS = "models"  # the concurrency group of events that run a model pass: one 
 
 
 def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCache | None = None,
-          output_files: OutputFiles | None = None) -> gr.Blocks:
+          output_files: OutputFiles | None = None, head_start: HeadStart | None = None) -> gr.Blocks:
     """The app's Blocks for the sets on offer (the default set is loaded here, once). Maps and CSVs
-    are written to `output_files` and, like uploads, leave Gradio's cache after its `keep_s` seconds."""
+    are written to `output_files` and, like uploads, leave Gradio's cache after its `keep_s` seconds.
+    `head_start`: the comparisons started as photos arrive (fed by `UploadWatch` in the server)."""
     cache = cache or ResultCache()
     output_files = output_files or OutputFiles()
     sets.on_evict.append(cache.drop_set)
@@ -57,8 +60,10 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
     keep_s = max(int(output_files.keep_s), 1)
     with gr.Blocks(title=TITLE, delete_cache=(min(keep_s, 600), keep_s)) as demo:
         page = build_page(sets, engine, problem, report, examples or [])
-        wire(demo, page, Handlers(sets, cache, output_files, page, problem))
-        show_credit_of_photo(page.photo, page.photo_credit, examples or [])
+        handlers = Handlers(sets, cache, output_files, page, problem, Credits(examples or []), head_start)
+        if head_start is not None:
+            head_start.prepare = handlers.first_answer
+        wire(demo, page, handlers)
     return demo
 
 
@@ -69,16 +74,21 @@ def wire(demo: gr.Blocks, page: Page, handlers: Handlers) -> None:
     page.api_compare.click(handlers.compare, inputs=[page.photo, page.set_state], outputs=[page.answer, *page.overlays],
                            api_name="compare", preprocess=False,  # the handler opens the file: clear messages
                            concurrency_id=MODELS, concurrency_limit=1)
-    # The browser: one event per comparison; the maps come as data and are drawn in the page.
+    # The browser: one event per comparison; the maps come as data and are drawn in the page. It
+    # also says whose photo it is (an example's credit): a change event of its own would hold the
+    # comparison back, as Gradio's front end sends an upload's second event once the first is done.
+    credit = [page.photo_credit] if page.photo_credit is not None else []
     show = dict(fn=handlers.show, inputs=[page.photo, page.set_state],
                 outputs=[page.answer, page.species, page.rather, page.ensemble, page.agree, page.test_verdict,
-                         page.test_plot, *page.maps, *(c.header for c in columns), *(c.label for c in columns)],
+                         page.test_plot, *page.maps, *(c.header for c in columns), *(c.label for c in columns),
+                         *credit],
                 preprocess=False, api_visibility="private", concurrency_id=MODELS, concurrency_limit=1,
                 show_progress="minimal")
     gr.on([page.photo.upload, page.compare_button.click], **show)
     if page.examples is not None:
         page.examples.load_input_event.then(**show)
-    page.photo.clear(None, outputs=page.maps, js=f"() => [{', '.join(['null'] * len(page.maps))}]")
+    cleared = ["null"] * len(page.maps) + ['""'] * len(credit)  # no maps, no credit
+    page.photo.clear(None, outputs=[*page.maps, *credit], js=f"() => [{', '.join(cleared)}]")
 
     # Species, contrast, opacity and map menus redraw in the browser, without a request.
     gr.on([control.change for control in page.view_controls], None, inputs=page.view_controls,
@@ -88,7 +98,7 @@ def wire(demo: gr.Blocks, page: Page, handlers: Handlers) -> None:
                        show_progress="hidden", concurrency_id=MODELS, concurrency_limit=1)
     for column in columns:
         column.label.select(handlers.pick_species, [page.set_state], [page.species], api_visibility="private",
-                            show_progress="hidden")
+                            show_progress="minimal")
     page.test_button.click(handlers.test_maps, [page.photo, page.species, page.set_state],
                            [page.test_plot, page.test_verdict], api_name="faithfulness", preprocess=False,
                            concurrency_id=MODELS, concurrency_limit=1)
@@ -115,7 +125,9 @@ def serve(checkpoints: Path | None = None, hub_repo: str | None = None, examples
         fix_gradio_mcp()
     sets = ModelSets.discover(checkpoints, hub_repo, max_loaded=max_loaded)
     examples = offered_examples(examples_dir)  # the project's photos, then the folder's
-    demo = build(sets, examples, output_files=OutputFiles(keep_s=keep_files_s, prune_every_s=min(keep_files_s, 60)))
+    head_start = HeadStart(lambda: sets.default)
+    demo = build(sets, examples, output_files=OutputFiles(keep_s=keep_files_s, prune_every_s=min(keep_files_s, 60)),
+                 head_start=head_start)
     # Two CPU cores: one model pass at a time (concurrency group MODELS), two cheap re-renders.
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=2)
     launch = functools.partial(
@@ -130,6 +142,7 @@ def serve(checkpoints: Path | None = None, hub_repo: str | None = None, examples
         show_error=False,
         prevent_thread_lock=True,
         mcp_server=mcp_server,
+        app_kwargs={"middleware": [Middleware(UploadWatch, on_upload=head_start.uploaded)]},
     )
     try:
         # This thread runs the requests' model work from here on (see worker.TorchThread).

@@ -37,19 +37,31 @@ class TorchThread:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._serving = threading.Event()
         self._handing_in = threading.Lock()  # no job is queued after the loop has stopped
+        self._queued = 0  # jobs handed in and not finished
 
     @property
     def serving(self) -> bool:
         return self._serving.is_set()
 
     def call(self, fn: Callable[..., Result], /, *args, **kwargs) -> Result:
+        job = self.submit(fn, *args, **kwargs)
+        return fn(*args, **kwargs) if job is None else job.result()
+
+    def submit(self, fn: Callable[..., Result], /, *args, **kwargs) -> Future | None:
+        """Hand `fn` in without waiting: its Future, or None where the loop is not running (or
+        this is its own thread), and the caller must run `fn` itself."""
         with self._handing_in:
             if not self.serving or threading.current_thread() is threading.main_thread():
-                job = None
-            else:  # with the caller's context variables (Gradio finds its request in them)
-                job = Future()
-                self._jobs.put((job, functools.partial(contextvars.copy_context().run, fn), args, kwargs))
-        return fn(*args, **kwargs) if job is None else job.result()
+                return None
+            job = Future()  # run with the caller's context variables (Gradio finds its request in them)
+            self._jobs.put((job, functools.partial(contextvars.copy_context().run, fn), args, kwargs))
+            self._queued += 1
+            return job
+
+    @property
+    def idle(self) -> bool:
+        """No job running or waiting."""
+        return self._queued == 0
 
     def serve_forever(self, start: Callable[[], object] = lambda: None, poll_s: float = 0.5) -> None:
         """Call `start` (e.g. start the server), then run the jobs other threads hand in, until
@@ -79,16 +91,19 @@ class TorchThread:
         """Make `serve_forever` return once the jobs handed in before are done (from any thread)."""
         self._jobs.put(_STOP)
 
-    @staticmethod
-    def _run(job: Future, fn: Callable, args: tuple, kwargs: dict) -> None:
-        if not job.set_running_or_notify_cancel():
-            return
+    def _run(self, job: Future, fn: Callable, args: tuple, kwargs: dict) -> None:
         try:
-            job.set_result(fn(*args, **kwargs))
-        except BaseException as exc:  # the caller re-raises it
-            job.set_exception(exc)
-            if isinstance(exc, KeyboardInterrupt):  # Ctrl-C during a job still stops the server
-                raise
+            if not job.set_running_or_notify_cancel():
+                return
+            try:
+                job.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # the caller re-raises it
+                job.set_exception(exc)
+                if isinstance(exc, KeyboardInterrupt):  # Ctrl-C during a job still stops the server
+                    raise
+        finally:
+            with self._handing_in:
+                self._queued -= 1
 
 
 TORCH_THREAD = TorchThread()
