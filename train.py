@@ -26,7 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="train.py", description=__doc__)
     p.add_argument("--data", type=Path, required=True, help="dataset folder (train_images/, val_images/)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT.preset)
-    p.add_argument("--models", nargs="+", choices=MODEL_KEYS, default=list(MODEL_KEYS))
+    p.add_argument("--models", nargs="+", choices=sorted({k for preset in PRESETS.values() for k in preset}, key=str),
+                   default=list(MODEL_KEYS),
+                   help="which models (default: the three; the lite preset also offers bvit, the bilinear ViT)")
     p.add_argument("--epochs", type=int, default=None, help=f"default: {_defaults('epochs')}")
     p.add_argument("--batch-size", type=int, default=DEFAULT.batch_size)
     p.add_argument("--lr", type=float, default=None, help=f"head learning rate; default: {_defaults('lr')}")
@@ -56,7 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--logger", default=DEFAULT.logger, choices=["csv", "tensorboard", "wandb", "none"])
     p.add_argument("--workers", type=int, default=DEFAULT.workers)
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="publish the exported set to the Hub")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if unknown := [k for k in args.models if k not in PRESETS[args.preset]]:
+        p.error(f"--models {' '.join(unknown)}: not in the {args.preset} preset, which has {' '.join(PRESETS[args.preset])}")
+    return args
 
 
 def to_config(args: argparse.Namespace) -> TrainConfig:

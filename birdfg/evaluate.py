@@ -37,7 +37,7 @@ from birdfg.checkpoints import ModelSet, load_set
 from birdfg.data import Box, DatasetError, Sample, boxes_for, display_name, samples
 from birdfg.images import ImageError, open_rgb
 from birdfg.inference import Comparison, Engine
-from birdfg.models import ENSEMBLE_KEY
+from birdfg.models import ENSEMBLE_KEY, MODEL_KEYS
 from birdfg.overlay import crop_box, peak_location
 
 log = logging.getLogger("birdfg.evaluate")
@@ -382,6 +382,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--checkpoints", type=Path, default=Path("checkpoints/lite"))
+    p.add_argument("--models", nargs="+", default=list(MODEL_KEYS), metavar="KEY",
+                   help="which of the folder's models (default: cnn vit bcnn; e.g. add bvit); the ensemble is their mean")
     p.add_argument("--split", choices=["train", "val"], default="val")
     p.add_argument("--split-file", type=Path, default=None,
                    help="CSV such as annotations.csv; its cub_split column picks the photos (val = CUB test)")
@@ -414,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    model_set = load_set(args.checkpoints)
+    model_set = load_set(args.checkpoints, tuple(args.models))
     if not model_set.models:
         print(f"error: no usable checkpoint in {args.checkpoints}: " + "; ".join(model_set.errors.values()),
               file=sys.stderr)

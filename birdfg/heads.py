@@ -1,4 +1,4 @@
-"""The three heads. The models differ only here: each head turns backbone features into logits
+"""The heads. The models differ only here: each head turns backbone features into logits
 and knows how to spread a class score back over image locations (its explanation).
 
 Feature maps are (B, C, H, W); token features are (B, 1 + N, D) with the class token first.
@@ -92,13 +92,16 @@ class TransformerHead(nn.Module):
         return self.fc(self.drop(x[:, 0]))
 
     def _pos_embed(self, hw: tuple[int, int]) -> torch.Tensor:
-        if hw == (self.grid, self.grid):
-            return self.pos_embed
-        # Another input size: interpolate the patch positions, as timm does for ViTs.
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        patch_pos = patch_pos.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos, size=hw, mode="bicubic", align_corners=False)
-        return torch.cat([cls_pos, patch_pos.flatten(2).transpose(1, 2)], dim=1)
+        return torch.cat([self.pos_embed[:, :1], patch_positions(self.pos_embed[:, 1:], self.grid, hw)], dim=1)
+
+
+def patch_positions(positions: torch.Tensor, grid: int, hw: tuple[int, int]) -> torch.Tensor:
+    """Learned position embeddings of a grid x grid token map, (1, grid^2, D), for an input whose
+    map is `hw`: as they are, or interpolated for another input size as timm does for ViTs."""
+    if hw == (grid, grid):
+        return positions
+    grid_first = positions.reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+    return F.interpolate(grid_first, size=hw, mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
 
 
 class BilinearHead(nn.Module):
@@ -174,11 +177,49 @@ class BilinearHead(nn.Module):
         return found[0] if isinstance(cls, int) else found
 
 
+class BilinearTransformerHead(nn.Module):
+    """The reference report's closing idea, a B-CNN extended with a transformer: the hybrid ViT's
+    encoder (as TransformerHead: each location a token, learned positions, timm `Block`s; no class
+    token) and bilinear pooling over its output tokens (as BilinearHead: channel reduction, signed
+    square root, L2). Its explanation is the bilinear location split over the output tokens."""
+
+    explanations = (BilinearSplit,)
+
+    def __init__(self, in_features: int, num_classes: int, grid: int, dim: int = 256, depth: int = 2,
+                 heads: int = 4, bilinear_dim: int = 64, dropout: float = 0.5, token_dropout: float = 0.1):
+        super().__init__()
+        self.grid = grid
+        self.proj = nn.Conv2d(in_features, dim, kernel_size=1)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, dim))
+        self.blocks = nn.Sequential(
+            *[Block(dim, heads, mlp_ratio=2.0, qkv_bias=True, proj_drop=token_dropout, attn_drop=0.0)
+              for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.bilinear = BilinearHead(dim, num_classes, bilinear_dim, dropout)
+        trunc_normal_(self.pos_embed, std=0.02)
+
+    def encode(self, fmap: torch.Tensor) -> torch.Tensor:
+        """The encoder's output tokens as a feature map (B, dim, H, W): what the bilinear pooling sees."""
+        b, _, h, w = fmap.shape
+        tokens = self.proj(fmap).flatten(2).transpose(1, 2) + patch_positions(self.pos_embed, self.grid, (h, w))
+        return self.norm(self.blocks(tokens)).transpose(1, 2).reshape(b, -1, h, w)
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.bilinear(self.encode(fmap))
+
+    def class_maps(self, fmap: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return self.bilinear.class_maps(self.encode(fmap), classes)
+
+    def top_pairs(self, fmap: torch.Tensor, cls: int | list[int], k: int = 4):
+        return self.bilinear.top_pairs(self.encode(fmap), cls, k)
+
+
 HEADS: dict[str, type[nn.Module]] = {
     "linear": LinearHead,
     "token": TokenHead,
     "transformer": TransformerHead,
     "bilinear": BilinearHead,
+    "bilinear_transformer": BilinearTransformerHead,
 }
 
 

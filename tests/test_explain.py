@@ -14,7 +14,7 @@ from birdfg.attention import AttentionRecorder
 from birdfg.explanations import (AttentionRelevance, AttentionRollout, BilinearSplit, ClassActivationMap, Evidence,
                                  LayerAttention, attention_rollout, class_token_attention, explanations_of,
                                  gradient_relevance)
-from birdfg.heads import BilinearHead, LinearHead, TransformerHead
+from birdfg.heads import BilinearHead, BilinearTransformerHead, LinearHead, TransformerHead
 from birdfg.overlay import crop_box, normalise, overlay, peak_location
 
 torch.manual_seed(0)
@@ -84,6 +84,22 @@ def test_contrastive_bilinear_map_sums_to_the_logit_difference():
     assert contrast.sum() == pytest.approx(float(logits[2] - logits[0]), rel=1e-4, abs=1e-5)
     both = method.grids(Evidence(fmap), [(2, 0), (2, None), (0, None)])
     np.testing.assert_allclose(both[0], both[1] - both[2], rtol=1e-5, atol=1e-6)
+
+
+def test_bilinear_transformer_maps_sum_to_the_class_score_over_its_tokens():
+    """The bilinear ViT (the report's "B-CNN extended with transformers"): the location split over
+    its encoder's output tokens is exact too, and a contrast is the logit difference."""
+    head = BilinearTransformerHead(8, 4, grid=5, dim=16, depth=2, heads=2, bilinear_dim=6).eval()
+    fmap = torch.rand(2, 8, 5, 5)
+    with torch.no_grad():
+        logits = head(fmap)
+        maps = head.class_maps(fmap, torch.arange(4))
+    torch.testing.assert_close(maps.sum(dim=(2, 3)) + head.bilinear.fc.bias, logits, rtol=1e-4, atol=1e-5)
+    method = BilinearSplit(_Model(head))
+    contrast = method.grid(Evidence(fmap[:1]), 2, rather=0)
+    scores = logits[0] - head.bilinear.fc.bias
+    assert contrast.sum() == pytest.approx(float(scores[2] - scores[0]), rel=1e-4, abs=1e-5)
+    assert len(method.parts(Evidence(fmap[:1]), 1, k=3)) == 3
 
 
 def test_bilinear_map_peaks_where_the_planted_pair_is():

