@@ -3,6 +3,8 @@ variants taking turns, so that a change of load on a shared machine touches them
 
     # this tree against another revision (e.g. the one before a change), in two worker processes
     python benchmarks/ab_engine.py revisions --against /tmp/before --json out.json
+    # two model sets on this tree (e.g. another trunk): --against . with --against-checkpoints
+    python benchmarks/ab_engine.py revisions --against . --checkpoints runs/cub-lite1/lite --against-checkpoints runs/cub/lite
     # the engine's own mechanisms, with and without, in one process
     python benchmarks/ab_engine.py mechanisms --json out.json
 
@@ -94,11 +96,12 @@ def _summary(values: dict[str, list[float]]) -> dict[str, float]:
 
 def revisions(args: argparse.Namespace) -> dict:
     sides = {"this": ROOT, "against": args.against.resolve()}
+    sets = {"this": args.checkpoints.resolve(), "against": (args.against_checkpoints or args.checkpoints).resolve()}
     procs = {}
     for name, tree in sides.items():
         env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"}
         procs[name] = subprocess.Popen(
-            [sys.executable, __file__, "worker", "--checkpoints", str(args.checkpoints), "--data", str(args.data),
+            [sys.executable, __file__, "worker", "--checkpoints", str(sets[name]), "--data", str(args.data),
              "--photos", str(args.photos)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
             cwd=tree)
         ready = procs[name].stdout.readline()
@@ -121,7 +124,8 @@ def revisions(args: argparse.Namespace) -> dict:
         proc.stdin.close()
         proc.wait()
     c, b = _summary(compare), _summary(batch)
-    return {"against": str(sides["against"]), "compare_ms": c, "batch_ips": b,
+    shown_sets = {"this": str(args.checkpoints), "against": str(args.against_checkpoints or args.checkpoints)}
+    return {"against": str(args.against), "sets": shown_sets, "compare_ms": c, "batch_ips": b,
             "compare_ratio": round(c["this"] / c["against"], 3), "batch_ratio": round(b["this"] / b["against"], 3),
             "samples": {"compare": len(compare["this"]), "batch": len(batch["this"])}}
 
@@ -196,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--json", type=Path)
         if name == "revisions":
             s.add_argument("--against", type=Path, required=True, help="a checkout of the other revision")
+            s.add_argument("--against-checkpoints", type=Path, default=None,
+                           help="the other side's model set (default: --checkpoints)")
     args = p.parse_args(argv)
     if args.command == "worker":
         return worker(args)

@@ -6,6 +6,7 @@ between the CNN, the ViT and the B-CNN.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,8 +168,12 @@ def default_epochs(preset: str, key: str) -> int:
 
 
 def preset_specs(
-    preset: str, num_classes: int, keys: tuple[str, ...] = MODEL_KEYS, img_size: int | None = None
+    preset: str, num_classes: int, keys: tuple[str, ...] = MODEL_KEYS, img_size: int | None = None,
+    backbone: str | None = None,
 ) -> dict[str, ModelSpec]:
+    """The preset's specs for `keys`; `img_size` and `backbone` (every model's trunk, e.g.
+    tf_efficientnet_lite1) replace the preset's, and a display name that names the preset's trunk
+    names the new one."""
     if preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
     unknown = set(keys) - set(PRESETS[preset])
@@ -179,5 +184,16 @@ def preset_specs(
         row = dict(PRESETS[preset][key])
         if img_size:
             row["img_size"] = img_size
+        if backbone and backbone != row["backbone"]:
+            old, new = trunk_label(row["backbone"]), trunk_label(backbone)
+            name = row["display_name"]
+            row["display_name"] = name.replace(old, new) if old in name else f"{name} on {new}"
+            row["backbone"] = backbone
         specs[key] = ModelSpec(key=key, num_classes=num_classes, **row)
     return specs
+
+
+def trunk_label(backbone: str) -> str:
+    """How a display name calls a trunk: "Lite1" for tf_efficientnet_lite1, else the timm name."""
+    found = re.fullmatch(r"tf_efficientnet_lite(\d)", backbone)
+    return f"Lite{found.group(1)}" if found else backbone

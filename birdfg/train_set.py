@@ -38,7 +38,7 @@ def train_set(cfg: TrainConfig, command: str) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     split_name = f"{cfg.split_file.name}:cub_split" if cfg.split_file else "train_images/val_images"
-    specs = preset_specs(cfg.preset, len(classes), tuple(cfg.models), cfg.img_size)
+    specs = preset_specs(cfg.preset, len(classes), tuple(cfg.models), cfg.img_size, cfg.backbone)
     out_dir = cfg.output / cfg.preset
     runs_dir = cfg.output / ".runs" / cfg.preset
     # Models with a frozen backbone share one backbone object and, per input size, one feature cache.

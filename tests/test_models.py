@@ -72,6 +72,15 @@ def test_lite1_and_lite2_pip_weights_load_into_timm(variant):
         assert backbone.forward_features(torch.randn(1, 3, 64, 64)).shape[1] == 1280
 
 
+def test_another_trunk_replaces_the_presets_in_spec_and_name():
+    specs = preset_specs("lite", 5, ("cnn", "vit"), img_size=96, backbone="tf_efficientnet_lite1")
+    assert {s.backbone for s in specs.values()} == {"tf_efficientnet_lite1"}
+    assert [s.display_name for s in specs.values()] == ["EfficientNet-Lite1 CNN", "Hybrid ViT (Lite1 tokens)"]
+    model = build(specs["cnn"], pretrained=False).eval()
+    with torch.inference_mode():
+        assert model(torch.randn(1, 3, 96, 96)).shape == (1, 5)
+
+
 def test_lite0_pip_weights_reproduce_imagenet_predictions():
     """skimage's coffee photo is an espresso (ImageNet class 967) for the mapped weights."""
     skimage_data = pytest.importorskip("skimage.data", reason="scikit-image ships the coffee photo")
