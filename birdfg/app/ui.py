@@ -98,7 +98,7 @@ def wire(demo: gr.Blocks, page: Page, handlers: Handlers) -> None:
                        show_progress="hidden", concurrency_id=MODELS, concurrency_limit=1)
     for column in columns:
         column.label.select(handlers.pick_species, [page.set_state], [page.species], api_visibility="private",
-                            show_progress="minimal")
+                            show_progress="hidden")
     page.test_button.click(handlers.test_maps, [page.photo, page.species, page.set_state],
                            [page.test_plot, page.test_verdict], api_name="faithfulness", preprocess=False,
                            concurrency_id=MODELS, concurrency_limit=1)
