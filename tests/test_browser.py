@@ -97,6 +97,9 @@ def test_upload_compare_and_ask_about_another_species(page, sample_photo):
     else:
         assert "disagree" in agree.lower() and not agree.startswith("✓"), agree
     page.wait_for_timeout(1000)  # the ViT's remaining classes arrive in the same event
+    # The second update of the same event: each column's header gives its time on this photo.
+    page.wait_for_function("keys => keys.every(k => document.querySelector('#col-' + k).innerText"
+                           ".includes('ms on this photo'))", arg=list(KEYS))
 
     # "Why this one?": maps for another species, drawn in the page without any request.
     other = next(o for o in option_labels(page, "#species")[1:] if o not in top.values())

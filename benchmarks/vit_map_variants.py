@@ -1,0 +1,199 @@
+"""Which map of the lite ViT is most faithful? Every candidate beside the app's own two, measured
+with the same deletion / insertion test as `python -m birdfg.evaluate --faithfulness`.
+
+    python benchmarks/vit_map_variants.py --checkpoints checkpoints/lite --json benchmarks/results/vit_map_variants_val.json
+
+For the true class of each photo (val_images, or the `test` photos of `--split-file`'s
+`cub_split`), maps on the ViT's 10 x 10 token grid, all from the photo's own recorded pass:
+- `relevance` (the app's default; Chefer et al. 2021) and `rollout` (Abnar & Zuidema 2020);
+- `head_weighted_rollout`: rollout whose heads are weighted, per layer, by their gradient
+  importance for the class (sum over the class token's row of (dA * A)+), instead of averaged;
+- `token_gradient_x_input`: the gradient of the class logit times each patch token as it enters
+  the transformer, summed over channels (first-order share of the logit per token);
+- `token_occlusion`: the drop of the class logit when that one token is left out of the sequence;
+- `value_norm_rollout`: the last layer's class-token attention weighted by the norm of what each
+  token sends (Kobayashi et al. 2020, ||alpha_j f(x_j)||), spread back through the earlier layers'
+  rollout; not class-specific;
+- `relevance_smoothed`, `rollout_smoothed`: the app's maps blurred by a Gaussian of one token
+  (sigma 1 cell) -- a diagnosis of where they lose, not a candidate: it says whether the order of
+  the maps' weak tail (cells far from the peak) is what the centre prior beats;
+- baselines `centre` and `random`, as in birdfg/faithfulness.py.
+Per map: mean deletion / insertion AUC and the share of photos on which it beats the centre prior.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import results_file  # benchmarks/results_file.py (this folder is on sys.path when a script runs)
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms.functional import gaussian_blur
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DEFAULT_DATA = ROOT.parent / "shared" / "bird_dataset"
+
+
+def _head_tokens(head, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(patch tokens as they enter the transformer (1, N, D), the whole sequence with the class
+    token and positions (1, N + 1, D))."""
+    tokens = head.proj(fmap).flatten(2).transpose(1, 2)
+    cls = head.cls_token.expand(1, -1, -1)
+    return tokens, torch.cat([cls, tokens], dim=1) + head._pos_embed(fmap.shape[-2:])
+
+
+def _scores(head, sequence: torch.Tensor) -> torch.Tensor:
+    return head.fc(head.norm(head.blocks(sequence))[:, 0])
+
+
+def _rollout(fused: list[torch.Tensor]) -> torch.Tensor:
+    """Rollout of per-layer (N, N) matrices: (A + I) / 2, rows renormalised, multiplied."""
+    result = None
+    for a in fused:
+        a = (a + torch.eye(a.shape[-1])) / 2
+        a = a / a.sum(-1, keepdim=True)
+        result = a if result is None else a @ result
+    return result
+
+
+def candidate_maps(head, fmap: torch.Tensor, label: int) -> dict[str, np.ndarray]:
+    """Every candidate that reads the head itself, for class `label`, as (side, side) grids."""
+    from birdfg.attention import AttentionRecorder
+
+    fmap = fmap.detach().clone().float()
+    side = fmap.shape[-1]
+    grid = lambda row: row.reshape(side, side).detach().float().numpy()  # noqa: E731
+    sent: list[torch.Tensor] = []  # each layer's attention input (the values come from it)
+    hooks = [b.attn.register_forward_hook(lambda _m, i, _o: sent.append(i[0])) for b in head.blocks]
+    recorder = AttentionRecorder(head, keep_graph=True)
+    try:
+        with torch.enable_grad():
+            tokens, sequence = _head_tokens(head, fmap)
+            tokens.retain_grad()
+            logits = _scores(head, sequence)
+            attentions = recorder.take()
+            d_attn = torch.autograd.grad(logits[0, label], attentions, retain_graph=True)
+            logits[0, label].backward()
+    finally:
+        recorder.remove()
+        for h in hooks:
+            h.remove()
+    maps: dict[str, np.ndarray] = {}
+    attentions = [a.detach()[0].float() for a in attentions]
+    fused = []
+    for a, g in zip(attentions, d_attn):
+        weight = (g[0, :, 0] * a[:, 0]).sum(-1).clamp(min=0)
+        weight = weight / weight.sum() if weight.sum() > 0 else torch.full_like(weight, 1 / len(weight))
+        fused.append((weight[:, None, None] * a).sum(0))
+    maps["head_weighted_rollout"] = grid(_rollout(fused)[0, 1:])
+    maps["token_gradient_x_input"] = grid((tokens.grad[0] * tokens.detach()[0]).sum(-1))
+    with torch.inference_mode():
+        n = sequence.shape[1] - 1
+        keep = [torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.tensor([j for j in range(n) if j != i])])
+                for i in range(n)]
+        left_out = _scores(head, sequence.detach()[0][torch.stack(keep)])
+        maps["token_occlusion"] = grid(logits.detach()[0, label] - left_out[:, label])
+        last = head.blocks[-1].attn
+        heads = last.num_heads
+        x = sent[-1][0].detach()
+        dim = x.shape[-1]
+        values = last.qkv(x).reshape(x.shape[0], 3, heads, dim // heads)[:, 2].permute(1, 0, 2)  # (H, N+1, hd)
+        through = torch.einsum("hnd,hdo->hno", values, last.proj.weight.reshape(dim, heads, -1).permute(1, 2, 0))
+        norms = (attentions[-1][:, 0, :, None] * through).sum(0).norm(dim=-1)  # (N + 1,)
+        earlier = _rollout([a.mean(0) for a in attentions[:-1]]) if len(attentions) > 1 else torch.eye(n + 1)
+        maps["value_norm_rollout"] = grid((norms @ earlier)[1:])
+    return maps
+
+
+def smoothed(grid: np.ndarray, sigma: float = 1.0) -> np.ndarray:
+    t = torch.as_tensor(grid, dtype=torch.float32)[None, None]
+    return gaussian_blur(t, [5, 5], [sigma, sigma])[0, 0].numpy()
+
+
+def measure(engine, items: list, steps: int) -> tuple[list[dict], float]:
+    from birdfg import faithfulness as fm
+    from birdfg.evaluate import photo_seed
+
+    head = engine.models["vit"].model.head
+    rows = []
+    began = time.perf_counter()
+    for item in tqdm(items, desc="vit maps", unit="photo"):
+        photo = Image.open(item.path).convert("RGB")
+        comparison = engine.run([photo], evidence=True)[0]
+        evidence = comparison.results["vit"].evidence
+        maps = {name: engine.explain_all(comparison, "vit", [(item.label, None)], name)[0]
+                for name in ("relevance", "rollout")}
+        maps.update(candidate_maps(head, evidence.features, item.label))
+        maps["relevance_smoothed"] = smoothed(maps["relevance"])
+        maps["rollout_smoothed"] = smoothed(maps["rollout"])
+        x = evidence.inputs[0]
+        maps["centre"] = fm.centre_prior(tuple(x.shape[-2:]))
+        maps["random"] = fm.random_map(maps["relevance"].shape, photo_seed(item))
+        plan = fm.plan(x, maps, steps, fm.MODES, seed=photo_seed(item), include_unperturbed=False)
+        found = plan.curves(engine.probabilities("vit", plan.inputs)["vit"], comparison.probs("vit"))
+        rows.append({"path": item.path.name, **{
+            name: [round(fm.auc(plan.fractions, found[(name, mode)][:, item.label]), 5) for mode in fm.MODES]
+            for name in maps}})
+    return rows, time.perf_counter() - began
+
+
+def summarise(rows: list[dict]) -> dict:
+    names = [k for k in rows[0] if k != "path"]
+    centre = np.array([r["centre"] for r in rows])
+    out = {}
+    for name in names:
+        aucs = np.array([r[name] for r in rows])
+        out[name] = {"deletion": round(float(aucs[:, 0].mean()), 4), "insertion": round(float(aucs[:, 1].mean()), 4),
+                     "beats_centre_deletion": round(float(np.mean(aucs[:, 0] < centre[:, 0])), 4),
+                     "beats_centre_insertion": round(float(np.mean(aucs[:, 1] > centre[:, 1])), 4)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints" / "lite")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--split-file", type=Path, default=None, help="CUB's split (annotations.csv): its test photos")
+    p.add_argument("--limit", type=int, default=None, help="this many evenly spaced photos (default: all)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    from birdfg.checkpoints import load_set
+    from birdfg.data import samples
+    from birdfg.evaluate import evenly_spaced
+    from birdfg.inference import Engine
+
+    model_set = load_set(args.checkpoints, ("vit",))
+    if "vit" not in model_set.models:
+        print(f"error: no usable vit checkpoint in {args.checkpoints}: {model_set.errors}", file=sys.stderr)
+        return 2
+    engine = Engine(model_set)
+    if engine.methods["vit"][0].name != "relevance" or not hasattr(engine.models["vit"].model.head, "blocks"):
+        print("error: this benchmark reads the lite ViT's own transformer head (TransformerHead)", file=sys.stderr)
+        return 2
+    split = "test" if args.split_file else "val"
+    items = evenly_spaced(samples(args.data, split, engine.classes, args.split_file), args.limit)
+    rows, seconds = measure(engine, items, args.steps)
+    summary = summarise(rows)
+    print(f"\n{len(rows)} photos ({split}), {args.steps} steps, {seconds:.0f} s")
+    print(f"{'map':24s} {'deletion':>9s} {'insertion':>9s}  beats centre (del / ins)")
+    for name, s in summary.items():
+        print(f"{name:24s} {s['deletion']:9.3f} {s['insertion']:9.3f}  "
+              f"{s['beats_centre_deletion']:.0%} / {s['beats_centre_insertion']:.0%}")
+    if args.json:
+        results_file.write(args.json, {
+            "command": "python benchmarks/vit_map_variants.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "photos": len(rows), "split": split, "steps": args.steps, "seconds": round(seconds, 1),
+            "summary": summary, "per_photo": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
