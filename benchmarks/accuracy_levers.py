@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy_levers.py --checkpoints runs/cub/lite --split-file ../shared/bird_dataset/annotations.csv --json OUT
     python benchmarks/accuracy_levers.py --trunks tf_efficientnet_lite0 tf_efficientnet_lite1 tf_efficientnet_lite2 --split-file ...
+    python benchmarks/accuracy_levers.py --mix runs/cub/lite runs/cub-lite1/lite --split-file ...
 
 Levers (each model's top-1 accuracy and the ensemble's, on the test photos of `--split-file`'s
 `cub_split`, or on val_images without it), every pass through the set's own `Engine`:
@@ -19,6 +20,12 @@ Levers (each model's top-1 accuracy and the ensemble's, on the test photos of `-
 mirror images, logistic regression with label smoothing 0.1, AdamW 300 steps, weight decay
 1e-4 / 1e-3 / 1e-2 all reported): how much each trunk's ImageNet features already separate these
 species, before any fine-tuning.
+
+`--mix SET SET ...`: sets trained with the same recipe on different trunks (`train.py --backbone`).
+Each model's plain probabilities in each set; then every ensemble that takes each model (cnn, vit,
+bcnn) from one of the sets (a set whose models do not share one trunk: do different trunks buy the
+diversity the ensemble needs?), and the ensemble of every model of every set. `trunks` says how
+many trunks a photo then goes through in the app (its cost grows with them).
 """
 from __future__ import annotations
 
@@ -127,6 +134,45 @@ def levers(checkpoints: Path, data: Path, split_file: Path | None, batch: int = 
     }
 
 
+def mixed_trunks(sets: list[Path], data: Path, split_file: Path | None, batch: int = 16) -> dict:
+    import itertools
+
+    from birdfg.checkpoints import load_set
+    from birdfg.images import open_rgb
+    from birdfg.inference import Engine
+
+    rows = test_rows(data, split_file)
+    probs: dict[str, dict[str, np.ndarray]] = {}  # set -> model -> (photos, classes)
+    trunk_of: dict[str, str] = {}
+    classes = None
+    for folder in sets:
+        engine = Engine(load_set(folder))
+        if classes is not None and engine.classes != classes:
+            raise SystemExit(f"error: {folder} knows other classes than {sets[0]}: mix sets trained on the same data")
+        classes = engine.classes
+        found: dict[str, list] = {k: [] for k in engine.models}
+        for i in range(0, len(rows), batch):
+            for c in engine.run([open_rgb(data / r["path"]) for r in rows[i:i + batch]]):
+                for k in found:
+                    found[k].append(c.probs(k))
+        probs[str(folder)] = {k: np.stack(v) for k, v in found.items()}
+        trunk_of[str(folder)] = next(iter(engine.models.values())).spec.backbone
+        print(f"{folder}: {len(rows)} photos", flush=True)
+    labels = np.array([classes.index(r["label"]) for r in rows])
+    acc = lambda p: round(float((p.argmax(-1) == labels).mean()), 3)  # noqa: E731
+    keys = [k for k in probs[str(sets[0])] if all(k in found for found in probs.values())]
+    mixes = []
+    for choice in itertools.product(list(probs), repeat=len(keys)):
+        mixes.append({"models": dict(zip(keys, choice)), "trunks": len(set(choice)),
+                      "ensemble": acc(np.mean([probs[s][k] for k, s in zip(keys, choice)], axis=0))})
+    mixes.sort(key=lambda m: -m["ensemble"])
+    every = np.mean([p for found in probs.values() for p in found.values()], axis=0)
+    return {"photos": len(rows), "trunk_of_set": trunk_of,
+            "models": {s: {k: acc(p) for k, p in found.items()} for s, found in probs.items()},
+            "mixes": mixes, "every_model": {"models": sum(len(f) for f in probs.values()), "trunks": len(probs),
+                                            "ensemble": acc(every)}}
+
+
 def trunk_probe(trunks: list[str], data: Path, split_file: Path | None, img_size: int = 320) -> dict:
     import torch
 
@@ -177,12 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoints", type=Path, default=None, help="a trained set: time the inference levers on it")
     p.add_argument("--trunks", nargs="+", default=None, metavar="TIMM_NAME", help="linear-probe these frozen trunks")
+    p.add_argument("--mix", nargs="+", type=Path, default=None, metavar="SET",
+                   help="trained sets on different trunks: every ensemble taking each model from one of them")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--split-file", type=Path, default=None, help="annotations.csv: CUB's test split (else val_images)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    if not args.checkpoints and not args.trunks:
-        p.error("give --checkpoints, --trunks or both")
+    if not args.checkpoints and not args.trunks and not args.mix:
+        p.error("give --checkpoints, --trunks or --mix")
     report: dict = {"command": " ".join(["python", "benchmarks/accuracy_levers.py", *(argv or sys.argv[1:])]),
                     "split": "cub_split=test" if args.split_file else "val_images"}
     if args.checkpoints:
@@ -191,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:22} " + "  ".join(f"{k} {v:.3f}" for k, v in acc.items()))
     if args.trunks:
         report["trunks"] = trunk_probe(args.trunks, args.data, args.split_file)
+    if args.mix:
+        report["mix"] = mixed_trunks(args.mix, args.data, args.split_file)
+        for mix in report["mix"]["mixes"]:
+            print(f"ensemble {mix['ensemble']:.3f}  trunks {mix['trunks']}  " +
+                  "  ".join(f"{k}: {s}" for k, s in mix["models"].items()))
+        print(f"every model of every set: {report['mix']['every_model']}")
     if args.json:
         results_file.write(args.json, report)
     return 0
