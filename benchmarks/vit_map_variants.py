@@ -178,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     if engine.methods["vit"][0].name != "relevance" or not hasattr(engine.models["vit"].model.head, "blocks"):
         print("error: this benchmark reads the lite ViT's own transformer head (TransformerHead)", file=sys.stderr)
         return 2
-    split = "test" if args.split_file else "val"
-    items = evenly_spaced(samples(args.data, split, engine.classes, args.split_file), args.limit)
+    # With a split file, birdfg.data's "val" is its cub_split test photos (as in birdfg.evaluate).
+    split = "cub_split test" if args.split_file else "val"
+    items = evenly_spaced(samples(args.data, "val", engine.classes, args.split_file), args.limit)
     rows, seconds = measure(engine, items, args.steps)
     summary = summarise(rows)
     print(f"\n{len(rows)} photos ({split}), {args.steps} steps, {seconds:.0f} s")
