@@ -111,12 +111,22 @@ def test_upload_compare_and_ask_about_another_species(page, sample_photo):
     assert not [u for u in requests[sent:] if "/queue/join" in u]  # no event reached the server
     assert page.inner_text("#label-cnn .output-class").strip() == top["cnn"]  # answers unchanged
 
-    # "...rather than": a contrast changes the maps again.
-    before, drawn = rendered(page), pixels(page)
+    # "...rather than": a contrast changes the maps again; the runner-up's came with the answer.
+    before, drawn, sent = rendered(page), pixels(page), len(requests)
     choose(page, "#rather", "each model's runner-up")
     redrawn(page, before)
     assert any("rather than" in caption(page, k) for k in KEYS)
     assert any(a != b for a, b in zip(drawn, pixels(page)))
+    page.wait_for_timeout(300)
+    assert not [u for u in requests[sent:] if "/queue/join" in u]
+    # A species none of the models has in its top two (the menu's last): the page asks the
+    # server for the ViT's contrast and draws it.
+    far, sent = option_labels(page, "#rather")[-1], len(requests)
+    choose(page, "#rather", far)
+    page.wait_for_function("([sel, name]) => { const t = document.querySelector(sel).innerText; "
+                           "return t.includes(name) && !t.includes('on its way'); }", arg=["#map-vit .birdmap-caption", far])
+    assert all(far in caption(page, k) for k in KEYS), [caption(page, k) for k in KEYS]
+    assert [u for u in requests[sent:] if "/queue/join" in u]
 
     # Opacity: redrawn in the page too.
     before = rendered(page)

@@ -19,6 +19,18 @@ if (!birdfg.setControls) {
     view.opacity = Number(values[layout.opacity]);
     for (const [key, where] of Object.entries(layout.menus)) view.menus[key] = where.map((i) => values[i]);
     for (const map of Object.values(birdfg.maps)) map.redraw(false);
+    birdfg.askContrast();
+  };
+
+  // A "rather than" species some gradient map was not sent a contrast for: the page's hidden
+  // #fetch-contrast button asks the server for it (ui.py), once per answer and species.
+  birdfg.askContrast = () => {
+    const rather = birdfg.view.rather;
+    const lacking = Object.values(birdfg.maps).map((map) => map.lacks(rather)).filter(Boolean);
+    const ask = `${lacking.join("|")}|${rather}`;
+    if (!lacking.length || birdfg.asked === ask) return;
+    birdfg.asked = ask;
+    document.getElementById("fetch-contrast")?.click();
   };
 
   birdfg.decode = (text) => {
@@ -215,7 +227,15 @@ if (!birdfg.setControls) {
     drawing = drawing.then(job, job);  // one draw at a time; a failed one does not stop the next
     return drawing;
   };
-  birdfg.maps[key] = { redraw };
+  // The answer's stamp if its gradient maps lack a contrast with species `rather`, else null.
+  const lacks = (rather) => {
+    const data = current();
+    if (!data || !data.methods || !rather || rather === props.runner_up_value) return null;
+    const y = data.classes.indexOf(rather);
+    const gradient = Object.values(data.methods).some((method) => method.class_specific && !method.linear);
+    return y >= 0 && gradient && !data.rivals.includes(y) ? data.stamp : null;
+  };
+  birdfg.maps[key] = { redraw, lacks };
 
   element.addEventListener("click", (event) => {
     const button = event.target.closest("button[data-act]");
@@ -234,6 +254,6 @@ if (!birdfg.setControls) {
     }
   });
 
-  watch("value", () => redraw(false));
+  watch("value", () => { redraw(false); birdfg.askContrast(); });
   redraw(true);
 })();

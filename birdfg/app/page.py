@@ -88,6 +88,7 @@ class Page:
     api_compare: gr.Button  # hidden: the trigger of the `/compare` API event
     species: gr.Dropdown
     rather: gr.Dropdown
+    fetch_contrast: gr.Button  # in the page, not seen: maps.js clicks it for a contrast the maps lack
     opacity: gr.Slider
     test_button: gr.Button
     test_plot: gr.LinePlot
@@ -182,6 +183,7 @@ def build_page(sets: ModelSets, engine: Engine | None, problem: str | None, repo
                     rather = gr.Dropdown(rather_choices(None, engine.classes) if engine else [], value=NOTHING,
                                          label="…rather than", interactive=True, elem_id="rather",
                                          info="Contrast: what favours the species above over this one.")
+                    fetch_contrast = gr.Button(visible="hidden", elem_id="fetch-contrast")
                 opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Map opacity", elem_id="opacity")
                 example_set = example_gallery(examples, photo)
         with gr.Row(equal_height=False):
@@ -219,7 +221,8 @@ def build_page(sets: ModelSets, engine: Engine | None, problem: str | None, repo
                             columns=1, height=520, object_fit="contain", visible=bool(report and report.curves),
                             elem_id="faithfulness-curves")
 
-    return Page(set_state, set_selector, status, photo, compare_button, api_compare, species, rather, opacity,
+    return Page(set_state, set_selector, status, photo, compare_button, api_compare, species, rather, fetch_contrast,
+                opacity,
                 test_button, test_plot, test_verdict, example_set, columns, ensemble, agree, answer, batch_files,
                 batch_button, batch_csv, batch_table, report_md, per_class, confusion, curves, photo_credit)
 
