@@ -83,7 +83,7 @@ def wire(demo: gr.Blocks, page: Page, handlers: Handlers) -> None:
                          page.test_plot, *page.maps, *(c.header for c in columns), *(c.label for c in columns),
                          *credit],
                 preprocess=False, api_visibility="private", concurrency_id=MODELS, concurrency_limit=1,
-                show_progress="minimal")
+                show_progress="minimal", show_progress_on=page.maps)
     gr.on([page.photo.upload, page.compare_button.click], **show)
     if page.examples is not None:
         page.examples.load_input_event.then(**show)
