@@ -394,7 +394,12 @@ def table(report: dict) -> str:
         ("app: opacity change -> redrawn", f["app"]["opacity_switch"], f"<= {TARGET_SWITCH_MS}", TARGET_SWITCH_MS),
         *([("baseline: drop -> three maps drawn", f["baseline"]["drop_to_maps"], "", None),
            ("baseline: drop -> labels + agreement", f["baseline"]["drop_to_labels"], "", None),
-           ("baseline: species switch -> redrawn", f["baseline"]["species_switch"], "", None)] if "baseline" in f else []),
+           ("baseline: species switch -> redrawn", f["baseline"]["species_switch"], "", None),
+           ('baseline: "rather than" switch -> redrawn', f["baseline"]["rather_switch"], "", None),
+           ("baseline: opacity change -> redrawn", f["baseline"]["opacity_switch"], "", None),
+           ("app - baseline, same photo: drop -> maps", f["app_minus_baseline"]["drop_to_maps"], "", None),
+           ('app - baseline, same photo: "rather"', f["app_minus_baseline"]["rather_switch"], "", None)]
+          if "baseline" in f else []),
         ("floor: drop -> text shown", f["floor"]["drop_to_text"], "", None),
         ("floor: drop -> three images loaded", f["floor"]["drop_to_images"], "", None),
         ("in-process: compare + first maps", f["inprocess"]["inprocess_ms"], "", None),
@@ -512,7 +517,11 @@ def main(argv: list[str] | None = None) -> int:
                 "opacity_switch", "file_event")
     report["figures"] = {
         "app": {k: summary([s[k] for s in app_samples]) for k in app_keys},
-        **({"baseline": {k: summary([s[k] for s in baseline_samples]) for k in app_keys}} if baseline_samples else {}),
+        **({"baseline": {k: summary([s[k] for s in baseline_samples]) for k in app_keys},
+            # app minus baseline on the same photo: what the host's drift disturbs least
+            "app_minus_baseline": {k: summary([a[k] - b[k] if a[k] is not None and b[k] is not None else None
+                                               for a, b in zip(app_samples, baseline_samples)])
+                                   for k in app_keys[:-1]}} if baseline_samples else {}),
         "floor": {k: summary([s[k] for s in floor_samples]) for k in ("drop_to_text", "drop_to_images", "file_event")},
         "inprocess": {k: summary(measured[k]) for k in ("inprocess_ms", "inprocess_complete_ms")},
     }
