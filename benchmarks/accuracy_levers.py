@@ -75,6 +75,12 @@ def unit(grid: np.ndarray) -> np.ndarray:
     return (grid - grid.min()) / (grid.max() - grid.min() + 1e-9)
 
 
+def model_probs(engine, photos: list[Image.Image], keys: list[str], evidence: bool = False) -> tuple[list, np.ndarray]:
+    """One batched pass: the comparisons and every model's probabilities, (photos, models, classes)."""
+    found = engine.run(photos, evidence=evidence)
+    return found, np.stack([[c.probs(k) for k in keys] for c in found])
+
+
 def levers(checkpoints: Path, data: Path, split_file: Path | None, batch: int = 16) -> dict:
     from birdfg.checkpoints import load_set
     from birdfg.images import open_rgb
@@ -88,8 +94,7 @@ def levers(checkpoints: Path, data: Path, split_file: Path | None, batch: int = 
     passes: dict[str, list[np.ndarray]] = {k: [] for k in ("plain", "flip", "look", "look_bcnn", "box")}
 
     def probs(photos: list[Image.Image], evidence: bool = False):
-        found = engine.run(photos, evidence=evidence)
-        return found, np.stack([[c.probs(k) for k in keys] for c in found])
+        return model_probs(engine, photos, keys, evidence)
 
     started = time.perf_counter()
     for i in range(0, len(rows), batch):
@@ -150,12 +155,10 @@ def mixed_trunks(sets: list[Path], data: Path, split_file: Path | None, batch: i
         if classes is not None and engine.classes != classes:
             raise SystemExit(f"error: {folder} knows other classes than {sets[0]}: mix sets trained on the same data")
         classes = engine.classes
-        found: dict[str, list] = {k: [] for k in engine.models}
-        for i in range(0, len(rows), batch):
-            for c in engine.run([open_rgb(data / r["path"]) for r in rows[i:i + batch]]):
-                for k in found:
-                    found[k].append(c.probs(k))
-        probs[str(folder)] = {k: np.stack(v) for k, v in found.items()}
+        models = list(engine.models)
+        found = np.concatenate([model_probs(engine, [open_rgb(data / r["path"]) for r in rows[i:i + batch]], models)[1]
+                                for i in range(0, len(rows), batch)])
+        probs[str(folder)] = {k: found[:, m] for m, k in enumerate(models)}
         trunk_of[str(folder)] = next(iter(engine.models.values())).spec.backbone
         print(f"{folder}: {len(rows)} photos", flush=True)
     labels = np.array([classes.index(r["label"]) for r in rows])

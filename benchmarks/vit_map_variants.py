@@ -52,19 +52,10 @@ def _scores(head, sequence: torch.Tensor) -> torch.Tensor:
     return head.fc(head.norm(head.blocks(sequence))[:, 0])
 
 
-def _rollout(fused: list[torch.Tensor]) -> torch.Tensor:
-    """Rollout of per-layer (N, N) matrices: (A + I) / 2, rows renormalised, multiplied."""
-    result = None
-    for a in fused:
-        a = (a + torch.eye(a.shape[-1])) / 2
-        a = a / a.sum(-1, keepdim=True)
-        result = a if result is None else a @ result
-    return result
-
-
 def candidate_maps(head, fmap: torch.Tensor, label: int) -> dict[str, np.ndarray]:
     """Every candidate that reads the head itself, for class `label`, as (side, side) grids."""
     from birdfg.attention import AttentionRecorder
+    from birdfg.explanations import rollout_matrix
 
     fmap = fmap.detach().clone().float()
     side = fmap.shape[-1]
@@ -91,7 +82,7 @@ def candidate_maps(head, fmap: torch.Tensor, label: int) -> dict[str, np.ndarray
         weight = (g[0, :, 0] * a[:, 0]).sum(-1).clamp(min=0)
         weight = weight / weight.sum() if weight.sum() > 0 else torch.full_like(weight, 1 / len(weight))
         fused.append((weight[:, None, None] * a).sum(0))
-    maps["head_weighted_rollout"] = grid(_rollout(fused)[0, 1:])
+    maps["head_weighted_rollout"] = grid(rollout_matrix([f[None] for f in fused])[0, 0, 1:])
     maps["token_gradient_x_input"] = grid((tokens.grad[0] * tokens.detach()[0]).sum(-1))
     with torch.inference_mode():
         n = sequence.shape[1] - 1
@@ -106,7 +97,8 @@ def candidate_maps(head, fmap: torch.Tensor, label: int) -> dict[str, np.ndarray
         values = last.qkv(x).reshape(x.shape[0], 3, heads, dim // heads)[:, 2].permute(1, 0, 2)  # (H, N+1, hd)
         through = torch.einsum("hnd,hdo->hno", values, last.proj.weight.reshape(dim, heads, -1).permute(1, 2, 0))
         norms = (attentions[-1][:, 0, :, None] * through).sum(0).norm(dim=-1)  # (N + 1,)
-        earlier = _rollout([a.mean(0) for a in attentions[:-1]]) if len(attentions) > 1 else torch.eye(n + 1)
+        earlier = (rollout_matrix([a.mean(0)[None] for a in attentions[:-1]])[0] if len(attentions) > 1
+                   else torch.eye(n + 1))
         maps["value_norm_rollout"] = grid((norms @ earlier)[1:])
     return maps
 

@@ -136,18 +136,22 @@ class BilinearSplit(_HeadClassMap):
                 for pairs in per_class]
 
 
-def attention_rollout(attentions: list[torch.Tensor], head_fusion: str = "mean") -> torch.Tensor:
-    """Attention rollout (Abnar & Zuidema 2020): fuse heads, add the residual as (A + I) / 2,
-    renormalise rows, multiply through the layers; returns the class token's row without itself,
-    (B, N - 1)."""
+def rollout_matrix(fused: list[torch.Tensor]) -> torch.Tensor:
+    """Rollout of each layer's head-fused attention (B, N, N): add the residual as (A + I) / 2,
+    renormalise rows, multiply through the layers; (B, N, N)."""
     result = None
-    for attn in attentions:
-        fused = attn.float().amax(dim=1) if head_fusion == "max" else attn.float().mean(dim=1)
-        eye = torch.eye(fused.shape[-1], device=fused.device)
-        fused = (fused + eye) / 2
-        fused = fused / fused.sum(dim=-1, keepdim=True)
-        result = fused if result is None else fused @ result
-    return result[:, 0, 1:]
+    for layer in fused:
+        layer = (layer.float() + torch.eye(layer.shape[-1], device=layer.device)) / 2
+        layer = layer / layer.sum(dim=-1, keepdim=True)
+        result = layer if result is None else layer @ result
+    return result
+
+
+def attention_rollout(attentions: list[torch.Tensor], head_fusion: str = "mean") -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema 2020) of attentions (B, heads, N, N), heads fused by
+    their mean or max; returns the class token's row without itself, (B, N - 1)."""
+    fuse = (lambda a: a.float().amax(dim=1)) if head_fusion == "max" else (lambda a: a.float().mean(dim=1))
+    return rollout_matrix([fuse(a) for a in attentions])[:, 0, 1:]
 
 
 def class_token_attention(attention: torch.Tensor) -> torch.Tensor:
