@@ -107,8 +107,9 @@ cfg = TrainConfig(preset="lite", epochs=4, batch_size=4, lr=3e-2, logger="none",
 result = fit(model, train, val, cfg, Path(sys.argv[1]))
 with torch.inference_mode():
     right = model.eval().tail()(val.features[0].float()).argmax(-1) == labels
-print("RESULT", json.dumps({"reported": result.val_acc, "whole": right.double().mean().item(),
-                            "even_half": right[0::2].double().mean().item()}), flush=True)
+# One file per rank: the two ranks share stdout, where their lines can interleave.
+(Path(sys.argv[2]) / f"{os.getpid()}.json").write_text(json.dumps({
+    "reported": result.val_acc, "whole": right.double().mean().item(), "even_half": right[0::2].double().mean().item()}))
 """
 
 
@@ -119,10 +120,12 @@ def test_accuracy_counts_every_rank_under_ddp(tmp_path):
     script = tmp_path / "ddp_probe.py"
     script.write_text(_DDP_PROBE)
     # Lightning's DDP launcher starts rank 1 by running this same script again.
-    result = subprocess.run([sys.executable, str(script), str(tmp_path / "run")], cwd=ROOT, capture_output=True,
-                            text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    found = tmp_path / "reports"
+    found.mkdir()
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), str(found)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-3000:]
-    reports = [json.loads(line.split(" ", 1)[1]) for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    reports = [json.loads(f.read_text()) for f in sorted(found.glob("*.json"))]
     assert len(reports) == 2, result.stdout[-3000:] + result.stderr[-3000:]
     assert reports[0]["whole"] != reports[0]["even_half"], "test set-up: the halves must score differently"
     assert [r["reported"] for r in reports] == [reports[0]["whole"]] * 2, reports
