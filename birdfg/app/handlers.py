@@ -139,8 +139,8 @@ class Handlers:
 
     def show(self, image: Any, set_name: str, request: gr.Request):
         """The browser's comparison, one event: the answer, every widget, and each model's maps as
-        data (maps.js draws them). A gradient map answers first for the likely classes; the rest
-        follows in a second update of the same event."""
+        data (maps.js draws them). A gradient map answers first for the model's own guess; the
+        rest follows in a second update of the same event."""
         first, engine, comparison = TORCH_THREAD.call(self._show, image, set_name, session_of(request))
         yield first
         if comparison is not None and any(needs_more(engine, comparison, key) for key in self.page.columns):
