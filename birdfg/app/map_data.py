@@ -101,11 +101,14 @@ def model_maps(engine: Engine, comparison: Comparison | None, key: str, against:
                every_class: bool = True) -> dict[str, Any] | None:
     """Everything the page needs to draw model `key`'s maps for this comparison (None when the
     model has no result). `every_class` False: the quick first answer, the default method only,
-    and a gradient method for the model's own guess only (the rest follows: each target more
-    costs the first answer, e.g. the ViT's 3 rivals and their contrasts 11 ms on 2 cores)."""
+    and a gradient method for the model's own guess only (the rest follows; every target more
+    is one more backward pass before the first maps are drawn)."""
     if comparison is None or key not in comparison.answered:
         return None
-    against = [] if not every_class else rivals(comparison) if against is None else against
+    if not every_class:
+        against = []
+    elif against is None:
+        against = rivals(comparison)
     methods = engine.methods[key]
     evidence = comparison.results[key].evidence
     probs = comparison.probs(key)

@@ -222,9 +222,8 @@ def build_page(sets: ModelSets, engine: Engine | None, problem: str | None, repo
                             elem_id="faithfulness-curves")
 
     return Page(set_state, set_selector, status, photo, compare_button, api_compare, species, rather, fetch_contrast,
-                opacity,
-                test_button, test_plot, test_verdict, example_set, columns, ensemble, agree, answer, batch_files,
-                batch_button, batch_csv, batch_table, report_md, per_class, confusion, curves, photo_credit)
+                opacity, test_button, test_plot, test_verdict, example_set, columns, ensemble, agree, answer,
+                batch_files, batch_button, batch_csv, batch_table, report_md, per_class, confusion, curves, photo_credit)
 
 
 def _model_column(key: str, engine: Engine | None) -> ModelColumn:

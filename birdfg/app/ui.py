@@ -94,7 +94,8 @@ def wire(demo: gr.Blocks, page: Page, handlers: Handlers) -> None:
     gr.on([control.change for control in page.view_controls], None, inputs=page.view_controls,
           js=f"(...values) => {{ window.birdfg?.setControls({page.view_layout()}, values); return []; }}")
     # A contrast the gradient maps were not sent for: maps.js asks the server to add it (the rest
-    # is drawn at once). Only then: an event on every "rather than" change costs the page ~35 ms.
+    # is drawn at once). Only then: an event on every "rather than" change slowed the page's
+    # redraw (benchmarks/README.md, "Browser").
     page.fetch_contrast.click(handlers.contrast, [page.rather, page.set_state], page.maps, api_visibility="private",
                               show_progress="hidden", concurrency_id=MODELS, concurrency_limit=1)
     for column in columns:
