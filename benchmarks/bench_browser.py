@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
             # app minus baseline on the same photo: what the host's drift disturbs least
             "app_minus_baseline": {k: summary([a[k] - b[k] if a[k] is not None and b[k] is not None else None
                                                for a, b in zip(app_samples, baseline_samples)])
-                                   for k in app_keys[:-1]}} if baseline_samples else {}),
+                                   for k in app_keys if k != "file_event"}} if baseline_samples else {}),
         "floor": {k: summary([s[k] for s in floor_samples]) for k in ("drop_to_text", "drop_to_images", "file_event")},
         "inprocess": {k: summary(measured[k]) for k in ("inprocess_ms", "inprocess_complete_ms")},
     }
