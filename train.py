@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--img-size", type=int, default=None, help="input size (default: the preset's)")
     p.add_argument("--backbone", default=None, metavar="TIMM_NAME",
                    help="every model's trunk instead of the preset's (e.g. tf_efficientnet_lite1; README, accuracy levers)")
+    p.add_argument("--train-from", default=None, metavar="STAGE",
+                   help="frozen-trunk presets: the first backbone stage each model fine-tunes its own copy of "
+                        "(default: the preset's, blocks.6 for lite; e.g. blocks.5; README, accuracy levers)")
     p.add_argument("--seed", type=int, default=DEFAULT.seed)
     p.add_argument("--output", type=Path, default=DEFAULT.output)
     p.add_argument("--split-file", type=Path, default=None,
@@ -69,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def to_config(args: argparse.Namespace) -> TrainConfig:
     """The parsed flags as the package's TrainConfig (the only place that knows the flag names)."""
     return TrainConfig(
-        data=args.data, preset=args.preset, models=tuple(args.models), img_size=args.img_size, backbone=args.backbone,
+        data=args.data, preset=args.preset, models=tuple(args.models), img_size=args.img_size, backbone=args.backbone, train_from=args.train_from,
         pretrained=not args.no_pretrained, split_file=args.split_file, views=args.views, boxes=args.boxes,
         use_boxes=not args.no_boxes, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         backbone_lr_scale=args.backbone_lr_scale, weight_decay=args.weight_decay, seed=args.seed,

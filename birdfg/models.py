@@ -169,7 +169,7 @@ def default_epochs(preset: str, key: str) -> int:
 
 def preset_specs(
     preset: str, num_classes: int, keys: tuple[str, ...] = MODEL_KEYS, img_size: int | None = None,
-    backbone: str | None = None,
+    backbone: str | None = None, train_from: str | None = None,
 ) -> dict[str, ModelSpec]:
     """The preset's specs for `keys`; `img_size` and `backbone` (every model's trunk, e.g.
     tf_efficientnet_lite1) replace the preset's, and a display name that names the preset's trunk
@@ -189,6 +189,13 @@ def preset_specs(
             name = row["display_name"]
             row["display_name"] = name.replace(old, new) if old in name else f"{name} on {new}"
             row["backbone"] = backbone
+        if train_from:
+            if not row.get("frozen_backbone"):
+                raise ValueError(f"train_from {train_from!r}: the {preset} preset's {key} fine-tunes its whole "
+                                 "backbone; only a frozen-trunk preset (lite) can move the split.")
+            if train_from not in (stages := backbone_cfg(row["backbone"]).stages):
+                raise ValueError(f"train_from {train_from!r}: {row['backbone']} has the stages {', '.join(stages)}.")
+            row["train_from"] = train_from
         specs[key] = ModelSpec(key=key, num_classes=num_classes, **row)
     return specs
 

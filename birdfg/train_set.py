@@ -38,7 +38,11 @@ def train_set(cfg: TrainConfig, command: str) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     split_name = f"{cfg.split_file.name}:cub_split" if cfg.split_file else "train_images/val_images"
-    specs = preset_specs(cfg.preset, len(classes), tuple(cfg.models), cfg.img_size, cfg.backbone)
+    try:
+        specs = preset_specs(cfg.preset, len(classes), tuple(cfg.models), cfg.img_size, cfg.backbone, cfg.train_from)
+    except ValueError as exc:  # a --backbone or --train-from the preset cannot take
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     out_dir = cfg.output / cfg.preset
     runs_dir = cfg.output / ".runs" / cfg.preset
     # Models with a frozen backbone share one backbone object and, per input size, one feature cache.

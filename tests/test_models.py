@@ -81,6 +81,23 @@ def test_another_trunk_replaces_the_presets_in_spec_and_name():
         assert model(torch.randn(1, 3, 96, 96)).shape == (1, 5)
 
 
+def test_an_earlier_split_gives_each_model_its_own_copy_of_more_stages():
+    specs = preset_specs("lite", 5, ("cnn", "bcnn"), img_size=96, train_from="blocks.5")
+    assert {s.train_from for s in specs.values()} == {"blocks.5"}
+    default_top = build(preset_specs("lite", 5, ("cnn",), img_size=96)["cnn"], pretrained=False).top
+    shared = None
+    for spec in specs.values():
+        model = build(spec, pretrained=False, backbone=shared).eval()
+        shared = model.backbone
+        assert sum(p.numel() for p in model.top.parameters()) > sum(p.numel() for p in default_top.parameters())
+        with torch.inference_mode():
+            assert model(torch.randn(1, 3, 96, 96)).shape == (1, 5)
+    with pytest.raises(ValueError, match="has the stages"):
+        preset_specs("lite", 5, ("cnn",), train_from="blocks.9")
+    with pytest.raises(ValueError, match="fine-tunes its whole backbone"):
+        preset_specs("full", 5, ("cnn",), train_from="blocks.5")
+
+
 def test_lite0_pip_weights_reproduce_imagenet_predictions():
     """skimage's coffee photo is an espresso (ImageNet class 967) for the mapped weights."""
     skimage_data = pytest.importorskip("skimage.data", reason="scikit-image ships the coffee photo")
