@@ -8,6 +8,10 @@ For the true class of each photo (val_images, or the `test` photos of `--split-f
 - `relevance` (the app's default; Chefer et al. 2021) and `rollout` (Abnar & Zuidema 2020);
 - `head_weighted_rollout`: rollout whose heads are weighted, per layer, by their gradient
   importance for the class (sum over the class token's row of (dA * A)+), instead of averaged;
+- `grad_cam`: GradCAM (Selvaraju et al. 2017) at the hybrid's last convolutional map, the grid the
+  transformer turns into tokens: the class logit's gradient averaged over the grid weights each
+  channel, ReLU of the weighted sum; `relevance_x_grad_cam`: the two maps, each scaled to a peak
+  of 1, multiplied;
 - `token_gradient_x_input`: the gradient of the class logit times each patch token as it enters
   the transformer, summed over channels (first-order share of the logit per token);
 - `token_occlusion`: the drop of the class logit when that one token is left out of the sequence;
@@ -57,7 +61,7 @@ def candidate_maps(head, fmap: torch.Tensor, label: int) -> dict[str, np.ndarray
     from birdfg.attention import AttentionRecorder
     from birdfg.explanations import rollout_matrix
 
-    fmap = fmap.detach().clone().float()
+    fmap = fmap.detach().clone().float().requires_grad_()
     side = fmap.shape[-1]
     grid = lambda row: row.reshape(side, side).detach().float().numpy()  # noqa: E731
     sent: list[torch.Tensor] = []  # each layer's attention input (the values come from it)
@@ -83,6 +87,8 @@ def candidate_maps(head, fmap: torch.Tensor, label: int) -> dict[str, np.ndarray
         weight = weight / weight.sum() if weight.sum() > 0 else torch.full_like(weight, 1 / len(weight))
         fused.append((weight[:, None, None] * a).sum(0))
     maps["head_weighted_rollout"] = grid(rollout_matrix([f[None] for f in fused])[0, 0, 1:])
+    weights = fmap.grad[0].mean(dim=(1, 2))  # GradCAM's channel weights at the hybrid's last conv map
+    maps["grad_cam"] = grid(torch.relu(torch.einsum("c,chw->hw", weights, fmap.detach()[0])))
     maps["token_gradient_x_input"] = grid((tokens.grad[0] * tokens.detach()[0]).sum(-1))
     with torch.inference_mode():
         n = sequence.shape[1] - 1
@@ -124,6 +130,8 @@ def measure(engine, items: list, steps: int) -> tuple[list[dict], float]:
         maps.update(candidate_maps(head, evidence.features, item.label))
         maps["relevance_smoothed"] = smoothed(maps["relevance"])
         maps["rollout_smoothed"] = smoothed(maps["rollout"])
+        unit = lambda m: m / m.max() if m.max() > 0 else m  # noqa: E731
+        maps["relevance_x_grad_cam"] = unit(maps["relevance"]) * unit(maps["grad_cam"])
         x = evidence.inputs[0]
         maps["centre"] = fm.centre_prior(tuple(x.shape[-2:]))
         maps["random"] = fm.random_map(maps["relevance"].shape, photo_seed(item))
