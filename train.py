@@ -72,9 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def to_config(args: argparse.Namespace) -> TrainConfig:
     """The parsed flags as the package's TrainConfig (the only place that knows the flag names)."""
     return TrainConfig(
-        data=args.data, preset=args.preset, models=tuple(args.models), img_size=args.img_size, backbone=args.backbone, train_from=args.train_from,
-        pretrained=not args.no_pretrained, split_file=args.split_file, views=args.views, boxes=args.boxes,
-        use_boxes=not args.no_boxes, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        data=args.data, preset=args.preset, models=tuple(args.models), img_size=args.img_size, backbone=args.backbone,
+        train_from=args.train_from, pretrained=not args.no_pretrained, split_file=args.split_file, views=args.views,
+        boxes=args.boxes, use_boxes=not args.no_boxes, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         backbone_lr_scale=args.backbone_lr_scale, weight_decay=args.weight_decay, seed=args.seed,
         accelerator=args.accelerator, devices=int(args.devices) if args.devices.isdigit() else args.devices,
         num_nodes=args.num_nodes, strategy=args.strategy, precision=args.precision, logger=args.logger,

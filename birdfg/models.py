@@ -171,8 +171,9 @@ def preset_specs(
     preset: str, num_classes: int, keys: tuple[str, ...] = MODEL_KEYS, img_size: int | None = None,
     backbone: str | None = None, train_from: str | None = None,
 ) -> dict[str, ModelSpec]:
-    """The preset's specs for `keys`; `img_size` and `backbone` (every model's trunk, e.g.
-    tf_efficientnet_lite1) replace the preset's, and a display name that names the preset's trunk
+    """The preset's specs for `keys`; `img_size`, `backbone` (every model's trunk, e.g.
+    tf_efficientnet_lite1) and `train_from` (a frozen-trunk model's first own stage, e.g.
+    blocks.5) replace the preset's, and a display name that names the preset's trunk
     names the new one."""
     if preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
