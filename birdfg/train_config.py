@@ -32,6 +32,7 @@ class TrainConfig:
     lr: float | None = None  # the head's; pretrained layers learn at lr * backbone_lr_scale
     backbone_lr_scale: float | None = None
     weight_decay: float = 0.05
+    label_smoothing: float = 0.1  # train loss only; val and test loss are plain cross-entropy
     seed: int = 0
     # Lightning Trainer.
     accelerator: str = "auto"

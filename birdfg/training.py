@@ -205,6 +205,7 @@ def fit(model: BirdModel, train: list[Sample] | FeatureViews, val: list[Sample] 
     if not data.on_features:
         model.to(memory_format=torch.channels_last)
     task = BirdTask(net, model.pretrained_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                    label_smoothing=cfg.label_smoothing,
                     backbone_lr_scale=cfg.backbone_lr_scale, num_classes=model.spec.num_classes)
     task.train()  # Lightning keeps each module's mode; feature caching left the model in eval mode
     run_dir.mkdir(parents=True, exist_ok=True)

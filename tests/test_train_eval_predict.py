@@ -144,7 +144,7 @@ def test_every_flag_reaches_the_config():
     spec.loader.exec_module(train_cli)
     cfg = train_cli.to_config(train_cli.parse_args([
         "--data", "d", "--preset", "lite", "--models", "vit", "--epochs", "3", "--batch-size", "5", "--lr", "0.1",
-        "--backbone-lr-scale", "0.5", "--weight-decay", "0.2", "--img-size", "96", "--backbone", "tf_efficientnet_lite1",
+        "--backbone-lr-scale", "0.5", "--weight-decay", "0.2", "--label-smoothing", "0.0", "--img-size", "96", "--backbone", "tf_efficientnet_lite1",
         "--train-from", "blocks.5", "--seed", "7", "--output", "o",
         "--split-file", "s.csv", "--views", "2", "--boxes", "b.csv", "--no-boxes", "--no-pretrained", "--resume",
         "--force", "--accelerator", "cpu", "--devices", "2", "--num-nodes", "2", "--strategy", "ddp",
@@ -198,5 +198,7 @@ def test_predict_writes_the_kaggle_format(trained_lite, tiny_dataset, tmp_path):
 def test_bad_arguments_fail_with_a_message(tmp_path):
     result = run("train.py", "--data", str(tmp_path), "--preset", "lite")
     assert result.returncode == 2 and "no class folders" in result.stderr
+    result = run("train.py", "--data", str(tmp_path), "--preset", "lite", "--label-smoothing", "1.5")
+    assert result.returncode == 2 and "--label-smoothing 1.5: must be at least 0 and below 1" in result.stderr
     result = run("-m", "birdfg.evaluate", "--data", str(tmp_path), "--checkpoints", str(tmp_path / "none"))
     assert result.returncode == 2 and "no usable checkpoint" in result.stderr
