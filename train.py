@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=DEFAULT.weight_decay)
     p.add_argument("--label-smoothing", type=float, default=DEFAULT.label_smoothing,
                    help="label smoothing of the train loss (0: none)")
+    p.add_argument("--mixup", type=float, default=DEFAULT.mixup, metavar="ALPHA",
+                   help="mix train batches with Beta(ALPHA, ALPHA) weights (cached features: manifold mixup); 0: off")
     p.add_argument("--img-size", type=int, default=None, help="input size (default: the preset's)")
     p.add_argument("--backbone", default=None, metavar="TIMM_NAME",
                    help="every model's trunk instead of the preset's (e.g. tf_efficientnet_lite1; README, accuracy levers)")
@@ -68,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0.0 <= args.label_smoothing < 1.0:
         p.error(f"--label-smoothing {args.label_smoothing}: must be at least 0 and below 1 (0.1 is the default)")
+    if args.mixup < 0:
+        p.error(f"--mixup {args.mixup}: must be 0 (off) or more (0.2-0.4 is usual)")
     if unknown := [k for k in args.models if k not in PRESETS[args.preset]]:
         p.error(f"--models {' '.join(unknown)}: not in the {args.preset} preset, which has {' '.join(PRESETS[args.preset])}")
     return args
@@ -80,7 +84,7 @@ def to_config(args: argparse.Namespace) -> TrainConfig:
         train_from=args.train_from, pretrained=not args.no_pretrained, split_file=args.split_file, views=args.views,
         boxes=args.boxes, use_boxes=not args.no_boxes, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         backbone_lr_scale=args.backbone_lr_scale, weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing, seed=args.seed,
+        label_smoothing=args.label_smoothing, mixup=args.mixup, seed=args.seed,
         accelerator=args.accelerator, devices=int(args.devices) if args.devices.isdigit() else args.devices,
         num_nodes=args.num_nodes, strategy=args.strategy, precision=args.precision, logger=args.logger,
         workers=args.workers, output=args.output, resume=args.resume, force=args.force,

@@ -33,6 +33,7 @@ class TrainConfig:
     backbone_lr_scale: float | None = None
     weight_decay: float = 0.05
     label_smoothing: float = 0.1  # train loss only; val and test loss are plain cross-entropy
+    mixup: float = 0.0  # Beta(mixup, mixup) weights for mixing train batches; 0: off
     seed: int = 0
     # Lightning Trainer.
     accelerator: str = "auto"

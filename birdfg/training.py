@@ -58,7 +58,7 @@ class BirdTask(L.LightningModule):
 
     def __init__(self, net: nn.Module, pretrained: list[nn.Parameter] | None = None, lr: float = 1e-3,
                  weight_decay: float = 0.05, label_smoothing: float = 0.1, backbone_lr_scale: float = 0.1,
-                 warmup_epochs: int = 1, num_classes: int | None = None):
+                 warmup_epochs: int = 1, num_classes: int | None = None, mixup: float = 0.0):
         super().__init__()
         self.net = net
         self._pretrained_ids = {id(p) for p in pretrained or []}
@@ -81,15 +81,32 @@ class BirdTask(L.LightningModule):
         if batch is None:  # every image of the batch failed to decode (already reported)
             return None
         x, y, _ = batch
-        logits = self(x)
         smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
+        if stage == "train" and self.hparams.mixup > 0 and len(y) > 1:
+            loss, logits = self._mixup_loss(x, y, smoothing)
+        else:
+            logits = self(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
         accuracy = self.accuracy[f"{stage}_acc"]
         accuracy.update(logits.detach().argmax(-1), y)
         self.log(f"{stage}_loss", loss, prog_bar=True, on_epoch=True, on_step=False, batch_size=len(y),
                  sync_dist=True)
         self.log(f"{stage}_acc", accuracy, prog_bar=True, on_epoch=True, on_step=False)
         return loss
+
+    def _mixup_loss(self, x: torch.Tensor, y: torch.Tensor, smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixup (Zhang et al. 2018) of the batch with a shuffled copy of itself, weight
+        lam ~ Beta(mixup, mixup). On cached features it mixes the trunk's output maps (manifold
+        mixup), on photos the pixels. lam is kept >= 0.5, so `y` stays the label that train_acc
+        counts."""
+        alpha = torch.tensor(float(self.hparams.mixup))
+        lam = torch.distributions.Beta(alpha, alpha).sample().item()
+        lam = max(lam, 1.0 - lam)
+        perm = torch.randperm(len(y), device=y.device)
+        logits = self(lam * x + (1.0 - lam) * x[perm])
+        loss = (lam * F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
+                + (1.0 - lam) * F.cross_entropy(logits.float(), y[perm], label_smoothing=smoothing))
+        return loss, logits
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         return self._step(batch, "train")
@@ -205,7 +222,7 @@ def fit(model: BirdModel, train: list[Sample] | FeatureViews, val: list[Sample] 
     if not data.on_features:
         model.to(memory_format=torch.channels_last)
     task = BirdTask(net, model.pretrained_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                    label_smoothing=cfg.label_smoothing,
+                    label_smoothing=cfg.label_smoothing, mixup=cfg.mixup,
                     backbone_lr_scale=cfg.backbone_lr_scale, num_classes=model.spec.num_classes)
     task.train()  # Lightning keeps each module's mode; feature caching left the model in eval mode
     run_dir.mkdir(parents=True, exist_ok=True)

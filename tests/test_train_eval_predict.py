@@ -144,7 +144,7 @@ def test_every_flag_reaches_the_config():
     spec.loader.exec_module(train_cli)
     cfg = train_cli.to_config(train_cli.parse_args([
         "--data", "d", "--preset", "lite", "--models", "vit", "--epochs", "3", "--batch-size", "5", "--lr", "0.1",
-        "--backbone-lr-scale", "0.5", "--weight-decay", "0.2", "--label-smoothing", "0.0", "--img-size", "96", "--backbone", "tf_efficientnet_lite1",
+        "--backbone-lr-scale", "0.5", "--weight-decay", "0.2", "--label-smoothing", "0.0", "--mixup", "0.4", "--img-size", "96", "--backbone", "tf_efficientnet_lite1",
         "--train-from", "blocks.5", "--seed", "7", "--output", "o",
         "--split-file", "s.csv", "--views", "2", "--boxes", "b.csv", "--no-boxes", "--no-pretrained", "--resume",
         "--force", "--accelerator", "cpu", "--devices", "2", "--num-nodes", "2", "--strategy", "ddp",
@@ -155,6 +155,52 @@ def test_every_flag_reaches_the_config():
     assert not same, f"flags that do not reach TrainConfig: {same}"
     assert cfg.devices == 2 and cfg.models == ("vit",) and cfg.data == Path("d")
     assert cfg.for_model("vit").epochs == 3 and TrainConfig(preset="lite").for_model("bcnn").epochs == 35
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # a task outside a Trainer
+def test_mixup_mixes_train_batches_only():
+    """--mixup: the net sees each train photo blended with another of the batch, the blend the
+    loss weighs by (the larger weight on the photo's own label); val batches and mixup 0 leave
+    the photos as they are."""
+    from torch import nn
+    from torch.nn.functional import cross_entropy
+
+    from birdfg.training import BirdTask
+
+    x, y = torch.randn(6, 4, generator=torch.Generator().manual_seed(1)), torch.arange(6)
+    for mixup, seed in [(0.0, 0), *((0.4, seed) for seed in range(5))]:
+        torch.manual_seed(seed)
+        net = nn.Linear(4, 6)
+        seen = []
+        net.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+        task = BirdTask(net, num_classes=6, mixup=mixup, label_smoothing=0.0)
+        train_loss = task._step((x, y, None), "train")
+        task._step((x, y, None), "val")
+        assert torch.equal(seen[1], x), "a val batch was changed"
+        if mixup == 0:
+            assert torch.equal(seen[0], x)
+            continue
+        # Each row is lam * x_i + (1 - lam) * x_j, one lam >= 0.5 for the whole batch.
+        mixed = seen[0]
+        assert not torch.equal(mixed, x)
+        partners = [min(range(6), key=lambda j, i=i: (round(_off_segment(mixed[i], x[i], x[j]), 5), j != i))
+                    for i in range(6)]
+        lams = [_lam(mixed[i], x[i], x[j]) for i, j in enumerate(partners) if j != i]  # j == i: unmixed
+        assert lams and all(0.5 <= lam <= 1 for lam in lams) and max(lams) - min(lams) < 1e-4, (seed, lams)
+        lam, logits = lams[0], net(mixed)
+        expected = lam * cross_entropy(logits, y) + (1 - lam) * cross_entropy(logits, y[partners])
+        assert torch.allclose(train_loss, expected, atol=1e-4), (seed, train_loss, expected)
+
+
+def _lam(point: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    if torch.equal(a, b):
+        return 1.0
+    return float(torch.dot(point - b, a - b) / torch.dot(a - b, a - b))
+
+
+def _off_segment(point: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    lam = _lam(point, a, b)
+    return float((point - (lam * a + (1 - lam) * b)).norm())
 
 
 def test_full_preset_trains_on_images_end_to_end(tiny_dataset, tmp_path):
@@ -200,5 +246,7 @@ def test_bad_arguments_fail_with_a_message(tmp_path):
     assert result.returncode == 2 and "no class folders" in result.stderr
     result = run("train.py", "--data", str(tmp_path), "--preset", "lite", "--label-smoothing", "1.5")
     assert result.returncode == 2 and "--label-smoothing 1.5: must be at least 0 and below 1" in result.stderr
+    result = run("train.py", "--data", str(tmp_path), "--preset", "lite", "--mixup", "-1")
+    assert result.returncode == 2 and "--mixup -1.0: must be 0 (off) or more" in result.stderr
     result = run("-m", "birdfg.evaluate", "--data", str(tmp_path), "--checkpoints", str(tmp_path / "none"))
     assert result.returncode == 2 and "no usable checkpoint" in result.stderr
