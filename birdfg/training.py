@@ -104,8 +104,9 @@ class BirdTask(L.LightningModule):
         lam = max(lam, 1.0 - lam)
         perm = torch.randperm(len(y), device=y.device)
         logits = self(lam * x + (1.0 - lam) * x[perm])
-        loss = (lam * F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
-                + (1.0 - lam) * F.cross_entropy(logits.float(), y[perm], label_smoothing=smoothing))
+        scores = logits.float()
+        loss = (lam * F.cross_entropy(scores, y, label_smoothing=smoothing)
+                + (1.0 - lam) * F.cross_entropy(scores, y[perm], label_smoothing=smoothing))
         return loss, logits
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
