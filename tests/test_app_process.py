@@ -97,3 +97,74 @@ def test_an_uploaded_photo_is_prepared_before_its_event_asks(tmp_path):
         demo.close()
     assert answers[0] == f"lite:{photo.stat().st_size}:{threading.get_ident()}"  # made on the model thread
     assert answers[1:] == ["None", "None"]
+
+
+def test_the_page_gets_a_photos_head_start_by_its_digest(tmp_path):
+    """`HeadStart.finished` behind a real Gradio server, called as maps.js calls it (a gr.HTML
+    server function over HTTP): asked before the photo has landed, it waits for the upload and
+    answers with what `prepare` made for it; asked again, at once; for another set, or for a
+    digest no upload has, nothing."""
+    import hashlib
+    import json
+    import urllib.request
+
+    import gradio as gr
+    from PIL import Image
+    from starlette.middleware import Middleware
+
+    from birdfg.app.head_start import HeadStart, UploadWatch
+
+    runner = TorchThread()
+    head = HeadStart(lambda: "lite", worker=runner)
+    head.prepare = lambda set_name, path: f"{set_name}:{Path(path).name}"
+    photo = tmp_path / "bird.png"
+    Image.new("RGB", (64, 48), (30, 160, 90)).save(photo)
+    digest = hashlib.sha256(photo.read_bytes()).hexdigest()
+
+    async def first(asked: list) -> str | None:
+        found_digest, set_name = asked
+        return await head.finished(found_digest, set_name, wait_s=3)
+
+    with gr.Blocks() as demo:
+        html = gr.HTML("", server_functions=[first])
+
+    def call(asked: list):
+        body = json.dumps({"data": asked, "fn_name": "first", "component_id": html._id, "session_hash": "t"})
+        request = urllib.request.Request(f"{url}gradio_api/component_server/", body.encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return json.loads(answer.read())
+
+    def upload() -> str:
+        boundary = "birdfgtest"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"bird.png\"\r\n"
+                "Content-Type: image/png\r\n\r\n").encode() + photo.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+        request = urllib.request.Request(f"{url}gradio_api/upload", body,
+                                         {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return json.loads(answer.read())[0]
+
+    answers = {}
+
+    def visitor():
+        try:
+            early = threading.Thread(target=lambda: answers.update(early=call([digest, "lite"])))
+            early.start()  # asks before the upload
+            answers["path"] = upload()
+            early.join()
+            answers["again"] = call([digest, "lite"])
+            answers["other set"] = call([digest, "other"])
+            answers["unknown"] = call(["0" * 64, "lite"])
+        finally:
+            runner.stop()
+
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True,
+                            app_kwargs={"middleware": [Middleware(UploadWatch, on_upload=head.uploaded)]})
+    try:
+        runner.serve_forever(start=threading.Thread(target=visitor).start, poll_s=0.05)
+    finally:
+        demo.close()
+    made = f"lite:{Path(answers['path']).name}"
+    assert answers["early"] == made
+    assert answers["again"] == made
+    assert answers["other set"] is None and answers["unknown"] is None

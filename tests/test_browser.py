@@ -161,6 +161,33 @@ def test_upload_compare_and_ask_about_another_species(page, sample_photo):
     page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
 
 
+def test_the_maps_come_before_the_events_answer(page, sample_photo):
+    """maps.js asks for the photo's first maps by its SHA-256 as the upload starts
+    (server.first_maps, the head start's answer) and draws them: here the page's event is held
+    back (its queue/join request kept waiting) and the three maps are drawn all the same, while
+    no label has come. Let go, the event's answer carries the same maps: the CNN's is not drawn again."""
+    held, answered = [], []
+    page.route("**/queue/join*", lambda route: held.append(route))
+    page.on("response", lambda r: "component_server" in r.url and answered.append(r))
+    before = rendered(page)
+    drop_photo(page, sample_photo)
+    assert held, "the photo's event never asked to join the queue"
+    assert page.locator("#label-cnn .output-class").count() == 0  # the event has not answered
+    assert len(answered) == 1 and answered[0].ok
+    first = answered[0].json()
+    assert {key for key, value in first["maps"].items() if value} == set(KEYS)
+    early = rendered(page)
+    assert all(int(now) == int(old) + 1 for now, old in zip(early, before)), (before, early)
+    drawn = pixels(page)
+    for route in held:
+        route.continue_()
+    page.unroute("**/queue/join*")
+    for key in KEYS:
+        page.wait_for_selector(f"#label-{key} .output-class")
+    page.wait_for_timeout(1000)  # the ViT's second update
+    assert rendered(page)[0] == early[0] and pixels(page)[0] == drawn[0]
+
+
 def test_test_the_maps_draws_the_deletion_curves(page, sample_photo):
     drop_photo(page, sample_photo)
     page.locator("#test-maps").get_by_text("Test the maps on this photo").click()

@@ -53,9 +53,10 @@ def error_answer(message: str) -> dict[str, str]:
 @dataclass
 class FirstAnswer:
     """A photo's comparison and each model's maps for the page's first update (model_maps'
-    quick answer, as the map component's value)."""
+    quick answer, as the map component's value), and the photo's path on the server."""
     comparison: Comparison
     maps: dict[str, str | None]
+    path: str = ""
 
 
 class Handlers:
@@ -67,6 +68,11 @@ class Handlers:
         self.credits = credits  # the examples' attributions, shown under the photo when it is one
         self.default_problem = default_problem  # why the default set did not load, if it did not
         self.memory_guard = GrowthGuard()
+        self.chosen_sets: dict[str, str] = {}  # the sessions that switched away from the default set
+
+    def set_of(self, request: gr.Request) -> str:
+        """The set the visitor's page uses (its set_state, which a page-side call does not carry)."""
+        return self.chosen_sets.get(session_of(request), self.sets.default)
 
     # --- compare -----------------------------------------------------------------------------------
 
@@ -76,7 +82,17 @@ class Handlers:
         engine = self.sets.get(set_name)
         comparison = engine.compare(path)
         return FirstAnswer(comparison, {key: self._model_maps(engine, comparison, key, every_class=False)
-                                        for key in self.page.columns})
+                                        for key in self.page.columns}, str(path))
+
+    async def first_maps(self, digest: str, request: gr.Request) -> dict[str, Any] | None:
+        """Each model's first maps of the photo whose SHA-256 is `digest`, as soon as its head start
+        has made them (maps.js asks while the photo is still on its way; the event answers the rest
+        as before): {"path": the upload on the server, "maps": {key: the map component's value}}.
+        None where there is no head start for it with the visitor's set."""
+        if self.head_start is None or not isinstance(digest, str):
+            return None
+        answer = await self.head_start.finished(digest.lower(), self.set_of(request))
+        return {"path": answer.path, "maps": answer.maps} if isinstance(answer, FirstAnswer) else None
 
     def _started(self, image: Any, set_name: str) -> FirstAnswer | None:
         """The head start's answer for this photo and set, if it has one ready."""
@@ -251,7 +267,12 @@ class Handlers:
         except SetError as exc:
             gr.Warning(str(exc))
             return {page.set_selector: gr.update(value=current), page.set_state: current}
-        self.cache.drop(session_of(request))
+        session = session_of(request)
+        self.cache.drop(session)
+        if name == self.sets.default:
+            self.chosen_sets.pop(session, None)
+        else:
+            self.chosen_sets[session] = name
         return {page.set_selector: gr.update(value=name), page.set_state: name, **self.set_view(name, engine)}
 
     def set_view(self, name: str, engine: Engine | None) -> Updates:
@@ -318,3 +339,4 @@ class Handlers:
     def forget(self, request: gr.Request) -> None:
         """The visitor left: drop their comparison."""
         self.cache.drop(session_of(request))
+        self.chosen_sets.pop(session_of(request), None)

@@ -7,9 +7,16 @@ loading: some 80 ms after the file is on the server, in the bare Gradio app as i
 on an idle server, is compared at once with the default set on the model thread, and the event
 that asks for it takes the finished comparison. Nothing changes for the caller: a photo whose
 head start failed, was not taken in time, or belongs to another set is compared as before.
+
+The page need not wait for that event either: it knows the photo it sent, so it can ask for the
+head start's answer by the photo's SHA-256 (`finished`), while its upload is still on the way,
+and draw the maps as soon as they are made (birdfg/app/maps.js). Only a visitor who has the
+photo's bytes can name it.
 """
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import logging
 import threading
@@ -24,6 +31,15 @@ from birdfg.data import IMAGE_SUFFIXES
 log = logging.getLogger(__name__)
 
 UPLOAD_PATH = "/gradio_api/upload"
+# How long `finished` waits for its photo's upload to land (a large photo on a slow link takes a
+# while; the wait costs the server nothing but an idle coroutine).
+UPLOAD_WAIT_S = 60.0
+
+
+def file_digest(path: str | Path) -> str:
+    """The file's SHA-256, in hex: the name the page gives a photo it has sent (maps.js)."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 class HeadStart:
@@ -36,21 +52,62 @@ class HeadStart:
         self.prepare: Callable[[str, str], object] | None = None  # set by the app's handlers
         self._started: OrderedDict[tuple[str, str], Future] = OrderedDict()
         self._lock = threading.Lock()
+        # By the photo's SHA-256: (set name, its job or None when none was started). Used on the
+        # server's event loop only (`uploaded` from the upload route, `finished` from the page).
+        self._digests: OrderedDict[str, tuple[str, Future | None]] = OrderedDict()
+        self._waiting: dict[str, list[asyncio.Future]] = {}
 
     def uploaded(self, paths: list[str]) -> None:
         """Gradio has stored an upload: start comparing it if it is one photo and nothing else
         waits for the model thread (a head start must never delay another visitor)."""
-        if (self.prepare is None or len(paths) != 1 or Path(paths[0]).suffix.lower() not in IMAGE_SUFFIXES
-                or not self._worker.idle):
+        if self.prepare is None or len(paths) != 1 or Path(paths[0]).suffix.lower() not in IMAGE_SUFFIXES:
             return
         key = (self._set_name(), paths[0])
-        job = self._worker.submit(self.prepare, *key)
-        if job is None:
+        job = self._worker.submit(self.prepare, *key) if self._worker.idle else None
+        if job is not None:
+            with self._lock:
+                self._started[key] = job
+                while len(self._started) > self.capacity:
+                    self._started.popitem(last=False)[1].cancel()
+        try:
+            digest = file_digest(paths[0])  # ~1 ms a megabyte, on the event loop: a photo is small
+        except OSError:
             return
-        with self._lock:
-            self._started[key] = job
-            while len(self._started) > self.capacity:
-                self._started.popitem(last=False)[1].cancel()
+        self._digests[digest] = (key[0], job)
+        while len(self._digests) > self.capacity:
+            self._digests.popitem(last=False)
+        for waiter in self._waiting.pop(digest, []):
+            waiter.get_loop().call_soon_threadsafe(_settle, waiter, (key[0], job))
+
+    async def finished(self, digest: str, set_name: str, wait_s: float = UPLOAD_WAIT_S):
+        """What `prepare` gave for the uploaded photo whose SHA-256 is `digest`, once it has
+        finished, if it was made with set `set_name`; else None. Waits up to `wait_s` seconds for
+        the upload to land (the page asks as it starts sending it). The job stays for `take`."""
+        entry = self._digests.get(digest)
+        if entry is None:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiting.setdefault(digest, []).append(waiter)
+            try:
+                entry = await asyncio.wait_for(waiter, wait_s)
+            except TimeoutError:
+                return None
+            finally:
+                waiting = self._waiting.get(digest, [])
+                if waiter in waiting:
+                    waiting.remove(waiter)
+                if not waiting:
+                    self._waiting.pop(digest, None)
+        started_with, job = entry
+        if job is None or started_with != set_name:
+            return None
+        try:  # shielded: a page that goes away must not cancel the job its event will take
+            return await asyncio.shield(asyncio.wrap_future(job))
+        except asyncio.CancelledError:
+            if job.cancelled():  # `take` found it still waiting: the event compares itself
+                return None
+            raise
+        except Exception:  # noqa: BLE001 - failed: the event compares again and says what is wrong
+            return None
 
     def take(self, set_name: str, path: str):
         """What `prepare` gave for `path` with set `set_name`, if it has finished (called on
@@ -62,6 +119,11 @@ class HeadStart:
         if job.exception() is not None:  # the event compares again and reports the problem itself
             return None
         return job.result()
+
+
+def _settle(waiter: asyncio.Future, entry) -> None:
+    if not waiter.done():
+        waiter.set_result(entry)
 
 
 class UploadWatch:

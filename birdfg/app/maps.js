@@ -1,6 +1,6 @@
 // birdfg's maps, drawn in the browser: the js_on_load of each model's map component (gr.HTML).
-// `element`, `props` and `watch` come from Gradio. The server sends each model's maps as data
-// (birdfg/app/map_data.py); the photo is the one already in the photo box (#photo img). The
+// `element`, `props`, `server` and `watch` come from Gradio. The server sends each model's maps as
+// data (birdfg/app/map_data.py); the photo is the one already in the photo box (#photo img). The
 // view (species, "rather than", opacity, each model's map menus) lives in window.birdfg.view;
 // the page's controls change it without any request (birdfg/app/ui.py wires them).
 const birdfg = (window.birdfg = window.birdfg || {
@@ -32,6 +32,39 @@ if (!birdfg.setControls) {
     birdfg.asked = ask;
     document.getElementById("fetch-contrast")?.click();
   };
+
+  // A photo just chosen: its first maps are asked for at once, by the photo's SHA-256
+  // (server.first_maps: the head start's answer, birdfg/app/head_start.py), and drawn before
+  // Gradio's event answers, over the photo box's <img> when it shows that upload already, else
+  // over the file as this page decodes it. Anything missing (no head start, another set, no
+  // crypto.subtle outside https and localhost) leaves the event's answer to draw them.
+  birdfg.drops = 0;
+  birdfg.early = async (file) => {
+    const drop = ++birdfg.drops;
+    const maps = Object.entries(birdfg.maps);
+    if (!file || !birdfg.server?.first_maps || !globalThis.crypto?.subtle || !maps.length) return;
+    const before = maps.map(([, map]) => map.value());  // the values the event's answer replaces
+    try {
+      const digest = await crypto.subtle.digest("SHA-256", await file.arrayBuffer());
+      const hex = Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
+      const found = await birdfg.server.first_maps(hex);
+      if (!found || drop !== birdfg.drops) return;
+      const shown = document.querySelector("#photo img");
+      const same = shown && shown.complete && shown.naturalWidth && found.path
+        && decodeURIComponent(shown.src).endsWith(found.path);
+      const photo = same ? shown : await createImageBitmap(file);
+      if (drop !== birdfg.drops) return;
+      maps.forEach(([key, map], i) => found.maps[key] && map.early(found.maps[key], photo, before[i]));
+    } catch (e) {
+      // not a picture this browser decodes, or the call failed: the event's answer draws the maps
+    }
+  };
+  document.addEventListener("change", (event) => {
+    if (event.target.matches?.("#photo input[type=file]")) birdfg.early(event.target.files?.[0]);
+  }, true);
+  document.addEventListener("drop", (event) => {
+    if (event.target.closest?.("#photo")) birdfg.early(event.dataTransfer?.files?.[0]);
+  }, true);
 
   birdfg.decode = (text) => {
     const bytes = Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
@@ -145,10 +178,12 @@ if (!birdfg.setControls) {
   };
 
   // The photo, dimmed outside the part the model saw, with the map over that part.
+  // `photo`: the photo box's <img>, or the ImageBitmap of a file just chosen (birdfg.early).
   birdfg.paint = (canvas, photo, data, grid, opacity, side) => {
-    const scale = Math.min(1, side / Math.max(photo.naturalWidth, photo.naturalHeight));
-    canvas.width = Math.max(1, Math.round(photo.naturalWidth * scale));
-    canvas.height = Math.max(1, Math.round(photo.naturalHeight * scale));
+    const [width, height] = [photo.naturalWidth || photo.width, photo.naturalHeight || photo.height];
+    const scale = Math.min(1, side / Math.max(width, height));
+    canvas.width = Math.max(1, Math.round(width * scale));
+    canvas.height = Math.max(1, Math.round(height * scale));
     const ctx = canvas.getContext("2d");
     ctx.drawImage(photo, 0, 0, canvas.width, canvas.height);
     const [l, t, r, b] = [data.box[0] * canvas.width, data.box[1] * canvas.height,
@@ -168,11 +203,16 @@ if (!birdfg.setControls) {
   let rendered = 0;
   let drawing = Promise.resolve();
 
-  const photo = () => document.querySelector("#photo img");
+  if (server?.first_maps) birdfg.server = server;
+  // Maps that came before the event's answer (birdfg.early), shown until the value changes.
+  let early = null;  // {before: the value they stand in for, data, photo}
+  const photo = () => (early ? early.photo : document.querySelector("#photo img"));
   // The value is the maps as one JSON string (birdfg/app/handlers.py says why); parsed once.
   let parsed = { text: undefined, data: null };
   const current = () => {
     const value = props.value;
+    if (early && value !== early.before) early = null;
+    if (early) return early.data;
     if (typeof value !== "string") return value || null;
     if (parsed.text !== value) parsed = { text: value, data: JSON.parse(value) };
     return parsed.data;
@@ -194,7 +234,7 @@ if (!birdfg.setControls) {
       root.dataset.rendered = String(++rendered);
       return;
     }
-    if (!image.complete || !image.naturalWidth) await image.decode().catch(() => {});
+    if (image.decode && (!image.complete || !image.naturalWidth)) await image.decode().catch(() => {});
     const shown = birdfg.resolve(data, birdfg.view);
     canvas.hidden = false;
     birdfg.paint(canvas, image, data, shown.grid, birdfg.view.opacity, props.side);
@@ -235,7 +275,13 @@ if (!birdfg.setControls) {
     const gradient = Object.values(data.methods).some((method) => method.class_specific && !method.linear);
     return y >= 0 && gradient && !data.rivals.includes(y) ? data.stamp : null;
   };
-  birdfg.maps[key] = { redraw, lacks };
+  // The first maps of a photo just chosen, standing in for the value `before` until it changes.
+  const takeEarly = (text, photo, before) => {
+    if (props.value !== before) return;  // the event has answered already
+    early = { before, data: JSON.parse(text), photo };
+    redraw(true);
+  };
+  birdfg.maps[key] = { redraw, lacks, value: () => props.value, early: takeEarly };
 
   element.addEventListener("click", (event) => {
     const button = event.target.closest("button[data-act]");

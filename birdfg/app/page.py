@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,9 +155,10 @@ def per_class_table(report: Report | None) -> pd.DataFrame | None:
 
 
 def build_page(sets: ModelSets, engine: Engine | None, problem: str | None, report: Report | None,
-               examples: list[Path]) -> Page:
+               examples: list[Path], server_functions: list[Callable] | None = None) -> Page:
     """The page's components, inside an open gr.Blocks, showing the default set (`engine`; None
-    when it could not load, `problem` says why)."""
+    when it could not load, `problem` says why). `server_functions`: what maps.js may call on the
+    server (`server.<name>(...)`)."""
     set_state = gr.State(sets.default)
     with gr.Row(equal_height=True):
         with gr.Column(scale=4):
@@ -187,7 +189,7 @@ def build_page(sets: ModelSets, engine: Engine | None, problem: str | None, repo
                 opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Map opacity", elem_id="opacity")
                 example_set = example_gallery(examples, photo)
         with gr.Row(equal_height=False):
-            columns = {key: _model_column(key, engine) for key in MODEL_KEYS}
+            columns = {key: _model_column(key, engine, server_functions) for key in MODEL_KEYS}
         with gr.Row(equal_height=True):
             ensemble = gr.Label(num_top_classes=5, label="Ensemble (mean of the three softmaxes)", scale=2,
                                 elem_id="label-ensemble")
@@ -226,7 +228,7 @@ def build_page(sets: ModelSets, engine: Engine | None, problem: str | None, repo
                 batch_files, batch_button, batch_csv, batch_table, report_md, per_class, confusion, curves, photo_credit)
 
 
-def _model_column(key: str, engine: Engine | None) -> ModelColumn:
+def _model_column(key: str, engine: Engine | None, server_functions: list[Callable] | None = None) -> ModelColumn:
     """A model's column, offering what its explanation methods offer (in the default set)."""
     methods = engine.methods.get(key, []) if engine else []
     with gr.Column(variant="panel", elem_classes=["bird-col"], min_width=260, elem_id=f"col-{key}"):
@@ -234,7 +236,8 @@ def _model_column(key: str, engine: Engine | None) -> ModelColumn:
         text = gr.Markdown(blurb(engine, key), elem_classes=["blurb"])
         maps = gr.HTML(None, html_template=MAP_TEMPLATE, css_template=MAP_CSS, js_on_load=MAPS_JS,
                        model=key, turbo=TURBO_BYTES, opacity=DEFAULT_OPACITY, runner_up_value=RUNNER_UP,
-                       side=MAP_SIDE, parts_side=PARTS_SIDE, elem_id=f"maps-{key}", apply_default_css=False)
+                       side=MAP_SIDE, parts_side=PARTS_SIDE, elem_id=f"maps-{key}", apply_default_css=False,
+                       server_functions=server_functions or None)
         overlay = gr.Image(label=f"{key} explanation", type="filepath", interactive=False, visible=False,
                            elem_id=f"overlay-{key}")
         label = gr.Label(num_top_classes=5, label="Top 5 (click one to see its maps)", elem_id=f"label-{key}")

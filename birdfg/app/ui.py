@@ -9,6 +9,9 @@ Events
 - The browser's comparison is a private event of its own: the same answer, every widget, and
   each model's maps as data, which birdfg/app/maps.js draws on a canvas over the photo. Species,
   "rather than", opacity and each model's map menus then redraw in the page with no request.
+  The page asks for the first maps itself too, by the photo's SHA-256, as the photo is sent
+  (`first_maps`, a server function of the map components: the head start's answer, drawn before
+  the event's).
 - `/faithfulness` (API): photo and species -> the deletion test of each model's map (a plot
   and one sentence). `/batch` (API): photos -> a table and its CSV. The model-set selector and
   the Models tab (the stored evaluation report) are private.
@@ -58,8 +61,16 @@ def build(sets: ModelSets, examples: list[Path] | None = None, cache: ResultCach
     report = read_report(sets.sources[sets.default].folder, engine.models) if engine else None
     # Uploaded photos and the API's drawn maps pile up in Gradio's cache: drop the old ones regularly.
     keep_s = max(int(output_files.keep_s), 1)
+
+    # maps.js's call (a gr.HTML server function), by the photo's SHA-256, for its first maps before
+    # its event answers. A plain function that finds the handlers when called: the page that
+    # offers it is built before them, and Gradio marks a server function with an attribute.
+    async def first_maps(digest: str, request: gr.Request) -> dict | None:
+        return await handlers.first_maps(digest, request)
+
     with gr.Blocks(title=TITLE, delete_cache=(min(keep_s, 600), keep_s)) as demo:
-        page = build_page(sets, engine, problem, report, examples or [])
+        page = build_page(sets, engine, problem, report, examples or [],
+                          server_functions=[first_maps] if head_start is not None else [])
         handlers = Handlers(sets, cache, output_files, page, problem, Credits(examples or []), head_start)
         if head_start is not None:
             head_start.prepare = handlers.first_answer
