@@ -59,11 +59,13 @@ class HeadStart:
 
     def uploaded(self, paths: list[str]) -> None:
         """Gradio has stored an upload: start comparing it if it is one photo and nothing else
-        waits for the model thread (a head start must never delay another visitor)."""
-        if self.prepare is None or len(paths) != 1 or Path(paths[0]).suffix.lower() not in IMAGE_SUFFIXES:
+        waits for the model thread (a head start must never delay another visitor). Any one file
+        is registered by its digest, so that the page asking for it is answered at once."""
+        if len(paths) != 1:
             return
         key = (self._set_name(), paths[0])
-        job = self._worker.submit(self.prepare, *key) if self._worker.idle else None
+        photo = self.prepare is not None and Path(paths[0]).suffix.lower() in IMAGE_SUFFIXES
+        job = self._worker.submit(self.prepare, *key) if photo and self._worker.idle else None
         if job is not None:
             with self._lock:
                 self._started[key] = job
