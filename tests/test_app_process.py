@@ -54,6 +54,28 @@ def test_process_settings_reach_openmp_before_torch_loads():
     assert "imported before" not in out.stderr
 
 
+def serve_head_start(demo, head, runner: TorchThread, visitor) -> None:
+    """Serve `demo` behind the head start's UploadWatch and run `visitor(url)` on a thread of its
+    own while this thread serves the model work; then close the server."""
+    from starlette.middleware import Middleware
+
+    from birdfg.app.head_start import UploadWatch
+
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True,
+                            app_kwargs={"middleware": [Middleware(UploadWatch, on_upload=head.uploaded)]})
+
+    def visit():
+        try:
+            visitor(url)
+        finally:
+            runner.stop()
+
+    try:
+        runner.serve_forever(start=threading.Thread(target=visit).start, poll_s=0.05)
+    finally:
+        demo.close()
+
+
 def test_an_uploaded_photo_is_prepared_before_its_event_asks(tmp_path):
     """The head start (birdfg/app/head_start.py) in a real Gradio server: gradio_client uploads a
     photo, the upload route's answer starts `prepare` on the model thread, and the event that asks
@@ -61,9 +83,7 @@ def test_an_uploaded_photo_is_prepared_before_its_event_asks(tmp_path):
     import gradio as gr
     from gradio_client import Client, handle_file
     from PIL import Image
-    from starlette.middleware import Middleware
-
-    from birdfg.app.head_start import HeadStart, UploadWatch
+    from birdfg.app.head_start import HeadStart
 
     runner = TorchThread()
     head = HeadStart(lambda: "lite", worker=runner)
@@ -80,21 +100,13 @@ def test_an_uploaded_photo_is_prepared_before_its_event_asks(tmp_path):
         gr.Button().click(asked, [file, set_name], answer, api_name="asked")
     answers = []
 
-    def visitor():
-        try:
-            client = Client(url, verbose=False)
-            answers.append(client.predict(handle_file(str(photo)), "lite", api_name="/asked"))
-            answers.append(client.predict(handle_file(str(photo)), "other", api_name="/asked"))
-            answers.append(client.predict(handle_file(str(tmp_path / "notes.txt")), "lite", api_name="/asked"))
-        finally:
-            runner.stop()
+    def visitor(url: str):
+        client = Client(url, verbose=False)
+        answers.append(client.predict(handle_file(str(photo)), "lite", api_name="/asked"))
+        answers.append(client.predict(handle_file(str(photo)), "other", api_name="/asked"))
+        answers.append(client.predict(handle_file(str(tmp_path / "notes.txt")), "lite", api_name="/asked"))
 
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True,
-                            app_kwargs={"middleware": [Middleware(UploadWatch, on_upload=head.uploaded)]})
-    try:
-        runner.serve_forever(start=threading.Thread(target=visitor).start, poll_s=0.05)
-    finally:
-        demo.close()
+    serve_head_start(demo, head, runner, visitor)
     assert answers[0] == f"lite:{photo.stat().st_size}:{threading.get_ident()}"  # made on the model thread
     assert answers[1:] == ["None", "None"]
 
@@ -110,9 +122,7 @@ def test_the_page_gets_a_photos_head_start_by_its_digest(tmp_path):
 
     import gradio as gr
     from PIL import Image
-    from starlette.middleware import Middleware
-
-    from birdfg.app.head_start import HeadStart, UploadWatch
+    from birdfg.app.head_start import HeadStart
 
     runner = TorchThread()
     head = HeadStart(lambda: "lite", worker=runner)
@@ -130,14 +140,14 @@ def test_the_page_gets_a_photos_head_start_by_its_digest(tmp_path):
     with gr.Blocks() as demo:
         html = gr.HTML("", server_functions=[first])
 
-    def call(asked: list, timeout: float = 30):
+    def call(url: str, asked: list, timeout: float = 30):
         body = json.dumps({"data": asked, "fn_name": "first", "component_id": html._id, "session_hash": "t"})
         request = urllib.request.Request(f"{url}gradio_api/component_server/", body.encode(),
                                          {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=timeout) as answer:
             return json.loads(answer.read())
 
-    def upload(file: Path = photo) -> str:
+    def upload(url: str, file: Path = photo) -> str:
         boundary = "birdfgtest"
         body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{file.name}\"\r\n"
                 "Content-Type: application/octet-stream\r\n\r\n").encode() + file.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
@@ -148,26 +158,18 @@ def test_the_page_gets_a_photos_head_start_by_its_digest(tmp_path):
 
     answers = {}
 
-    def visitor():
-        try:
-            early = threading.Thread(target=lambda: answers.update(early=call([digest, "lite"])))
-            early.start()  # asks before the upload
-            answers["path"] = upload()
-            early.join()
-            answers["again"] = call([digest, "lite"])
-            answers["other set"] = call([digest, "other"])
-            answers["unknown"] = call(["0" * 64, "lite"])
-            upload(notes)  # asked with a wait longer than the client's: only an answer at once passes
-            answers["no photo"] = call([hashlib.sha256(notes.read_bytes()).hexdigest(), "lite", 60], timeout=20)
-        finally:
-            runner.stop()
+    def visitor(url: str):
+        early = threading.Thread(target=lambda: answers.update(early=call(url, [digest, "lite"])))
+        early.start()  # asks before the upload
+        answers["path"] = upload(url)
+        early.join()
+        answers["again"] = call(url, [digest, "lite"])
+        answers["other set"] = call(url, [digest, "other"])
+        answers["unknown"] = call(url, ["0" * 64, "lite"])
+        upload(url, notes)  # asked with a wait longer than the client's: only an answer at once passes
+        answers["no photo"] = call(url, [hashlib.sha256(notes.read_bytes()).hexdigest(), "lite", 60], timeout=20)
 
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True,
-                            app_kwargs={"middleware": [Middleware(UploadWatch, on_upload=head.uploaded)]})
-    try:
-        runner.serve_forever(start=threading.Thread(target=visitor).start, poll_s=0.05)
-    finally:
-        demo.close()
+    serve_head_start(demo, head, runner, visitor)
     made = f"lite:{Path(answers['path']).name}"
     assert answers["early"] == made
     assert answers["again"] == made
