@@ -161,17 +161,39 @@ def test_upload_compare_and_ask_about_another_species(page, sample_photo):
     page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
 
 
+def hold_the_event(page) -> list:
+    """Hold back the page's event: its queue/join requests are kept, unanswered, until release()."""
+    held = []
+    page.route("**/queue/join*", lambda route: held.append(route))
+    return held
+
+
+def wait_until_held(page, held: list, timeout_s: float = 30) -> None:
+    """Until the page has asked for its event (the page's own call for the maps may answer first)."""
+    for _ in range(int(timeout_s / 0.02)):
+        if held:
+            return
+        page.wait_for_timeout(20)
+    raise AssertionError("the photo's event never asked to join the queue")
+
+
+def release(page, held: list) -> None:
+    for route in held:
+        route.continue_()
+    page.unroute("**/queue/join*")
+
+
 def test_the_maps_come_before_the_events_answer(page, sample_photo):
     """maps.js asks for the photo's first maps by its SHA-256 as the upload starts
     (server.first_maps, the head start's answer) and draws them: here the page's event is held
     back (its queue/join request kept waiting) and the three maps are drawn all the same, while
     no label has come. Let go, the event's answer carries the same maps: the CNN's looks the same."""
-    held, answered = [], []
-    page.route("**/queue/join*", lambda route: held.append(route))
+    answered = []
+    held = hold_the_event(page)
     page.on("response", lambda r: "component_server" in r.url and answered.append(r))
     before = rendered(page)
     drop_photo(page, sample_photo)
-    assert held, "the photo's event never asked to join the queue"
+    wait_until_held(page, held)
     assert page.locator("#label-cnn .output-class").count() == 0  # the event has not answered
     assert len(answered) == 1 and answered[0].ok
     first = answered[0].json()
@@ -179,13 +201,35 @@ def test_the_maps_come_before_the_events_answer(page, sample_photo):
     early = rendered(page)
     assert all(int(now) == int(old) + 1 for now, old in zip(early, before)), (before, early)
     drawn = pixels(page)
-    for route in held:
-        route.continue_()
-    page.unroute("**/queue/join*")
+    release(page, held)
     for key in KEYS:
         page.wait_for_selector(f"#label-{key} .output-class")
     page.wait_for_timeout(1000)  # the ViT's second update
     assert pixels(page)[0] == drawn[0]
+
+
+def hidden_maps(page) -> None:
+    page.wait_for_function("keys => keys.every(k => document.querySelector('#map-' + k + ' canvas').hidden)",
+                           arg=list(KEYS))
+
+
+def test_removing_the_photo_removes_its_maps(page, sample_photo):
+    """The photo box emptied ("Remove Image") takes the maps with it: once the event has
+    answered, and while it is still held back (maps drawn from the page's own call: the emptied
+    value equals the one they stood in for, so only maps.js can tell)."""
+    remove = page.locator("#photo").get_by_role("button", name="Remove Image")
+    drop_photo(page, sample_photo)
+    page.wait_for_selector("#label-cnn .output-class")
+    page.wait_for_timeout(1000)  # the ViT's second update: the model thread idle again
+    remove.click()
+    hidden_maps(page)
+
+    held = hold_the_event(page)
+    drop_photo(page, sample_photo)  # drawn while the event is held: the maps the page asked for
+    wait_until_held(page, held)
+    remove.click()
+    hidden_maps(page)
+    release(page, held)
 
 
 def test_test_the_maps_draws_the_deletion_curves(page, sample_photo):

@@ -54,10 +54,16 @@ if (!birdfg.setControls) {
         && decodeURIComponent(shown.src).endsWith(found.path);
       const photo = same ? shown : await createImageBitmap(file);
       if (drop !== birdfg.drops) return;
-      maps.forEach(([key, map], i) => found.maps[key] && map.early(found.maps[key], photo, before[i]));
+      maps.forEach(([key, map], i) => found.maps[key] && map.early(found.maps[key], photo, before[i], drop));
     } catch (e) {
       // not a picture this browser decodes, or the call failed: the event's answer draws the maps
     }
+  };
+  // The photo box cleared: maps that came early stand for nothing any more (the cleared value may
+  // equal the one they stood in for, so the value alone does not say so).
+  birdfg.forget = () => {
+    birdfg.drops++;
+    for (const map of Object.values(birdfg.maps)) map.redraw(true);
   };
   document.addEventListener("change", (event) => {
     if (event.target.matches?.("#photo input[type=file]")) birdfg.early(event.target.files?.[0]);
@@ -205,15 +211,15 @@ if (!birdfg.setControls) {
 
   if (server?.first_maps) birdfg.server = server;
   // Maps that came before the event's answer (birdfg.early), shown until the value changes.
-  let early = null;  // {before: the value they stand in for, data, photo}
-  const photo = () => (early ? early.photo : document.querySelector("#photo img"));
+  let early = null;  // {before: the value they stand in for, data, photo, drop: birdfg.drops then}
+  const photo = () => (early && early.drop === birdfg.drops ? early.photo : document.querySelector("#photo img"));
   // The value is the maps as one JSON string (birdfg/app/handlers.py says why); parsed once.
   let parsed = { text: undefined, data: null };
   const current = () => {
     const value = props.value;
-    if (early && value !== early.before) early = null;
+    if (early && (value !== early.before || early.drop !== birdfg.drops)) early = null;
     if (early) return early.data;
-    if (typeof value !== "string") return value || null;
+    if (typeof value !== "string" || !value) return value || null;  // no maps: "" (Gradio's empty HTML) or null
     if (parsed.text !== value) parsed = { text: value, data: JSON.parse(value) };
     return parsed.data;
   };
@@ -276,9 +282,9 @@ if (!birdfg.setControls) {
     return y >= 0 && gradient && !data.rivals.includes(y) ? data.stamp : null;
   };
   // The first maps of a photo just chosen, standing in for the value `before` until it changes.
-  const takeEarly = (text, photo, before) => {
-    if (props.value !== before) return;  // the event has answered already
-    early = { before, data: JSON.parse(text), photo };
+  const takeEarly = (text, photo, before, drop) => {
+    if (props.value !== before || drop !== birdfg.drops) return;  // the event has answered already
+    early = { before, data: JSON.parse(text), photo, drop };
     redraw(true);
   };
   birdfg.maps[key] = { redraw, lacks, value: () => props.value, early: takeEarly };

@@ -99,7 +99,8 @@ def wire(demo: gr.Blocks, page: Page, handlers: Handlers) -> None:
     if page.examples is not None:
         page.examples.load_input_event.then(**show)
     cleared = ["null"] * len(page.maps) + ['""'] * len(credit)  # no maps, no credit
-    page.photo.clear(None, outputs=[*page.maps, *credit], js=f"() => [{', '.join(cleared)}]")
+    page.photo.clear(None, outputs=[*page.maps, *credit],
+                     js=f"() => {{ window.birdfg?.forget?.(); return [{', '.join(cleared)}]; }}")
 
     # Species, contrast, opacity and map menus redraw in the browser, without a request.
     gr.on([control.change for control in page.view_controls], None, inputs=page.view_controls,
