@@ -56,7 +56,7 @@ class FirstAnswer:
     quick answer, as the map component's value), and the photo's path on the server."""
     comparison: Comparison
     maps: dict[str, str | None]
-    path: str = ""
+    path: str
 
 
 class Handlers:

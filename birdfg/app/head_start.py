@@ -93,12 +93,12 @@ class HeadStart:
                 entry = await asyncio.wait_for(waiter, wait_s)
             except TimeoutError:
                 return None
-            finally:
+            finally:  # `uploaded` took the list when it settled it; else this waiter leaves it
                 waiting = self._waiting.get(digest, [])
                 if waiter in waiting:
                     waiting.remove(waiter)
-                if not waiting:
-                    self._waiting.pop(digest, None)
+                    if not waiting:
+                        del self._waiting[digest]
         started_with, job = entry
         if job is None or started_with != set_name:
             return None
