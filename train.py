@@ -56,6 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CSV with bird boxes (annotations.csv format) for zoomed training views; "
                         "default: DATA/annotations.csv when it exists")
     p.add_argument("--no-boxes", action="store_true", help="do not use bird boxes")
+    p.add_argument("--pseudo-labels", type=Path, default=None, metavar="TEACHER_SET",
+                   help="self-training: add the photos of DATA/test_images (unlabelled) that this trained set's "
+                        "ensemble names with probability >= --pseudo-threshold, as train photos of that species")
+    p.add_argument("--pseudo-threshold", type=float, default=DEFAULT.pseudo_threshold,
+                   help=f"the ensemble probability a pseudo-labelled photo needs (default {DEFAULT.pseudo_threshold})")
     p.add_argument("--no-pretrained", action="store_true", help="random backbone weights; downloads nothing")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--force", action="store_true", help="export even if val accuracy is below the existing file's")
@@ -70,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0.0 <= args.label_smoothing < 1.0:
         p.error(f"--label-smoothing {args.label_smoothing}: must be at least 0 and below 1 (0.1 is the default)")
+    if not 0.0 < args.pseudo_threshold <= 1.0:
+        p.error(f"--pseudo-threshold {args.pseudo_threshold}: must be above 0 and at most 1 "
+                f"(a probability; {DEFAULT.pseudo_threshold} is the default)")
     if args.mixup < 0:
         p.error(f"--mixup {args.mixup}: must be 0 (off) or more (0.2-0.4 is usual)")
     if unknown := [k for k in args.models if k not in PRESETS[args.preset]]:
@@ -82,7 +90,8 @@ def to_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         data=args.data, preset=args.preset, models=tuple(args.models), img_size=args.img_size, backbone=args.backbone,
         train_from=args.train_from, pretrained=not args.no_pretrained, split_file=args.split_file, views=args.views,
-        boxes=args.boxes, use_boxes=not args.no_boxes, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        boxes=args.boxes, use_boxes=not args.no_boxes, pseudo_labels=args.pseudo_labels,
+        pseudo_threshold=args.pseudo_threshold, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         backbone_lr_scale=args.backbone_lr_scale, weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing, mixup=args.mixup, seed=args.seed,
         accelerator=args.accelerator, devices=int(args.devices) if args.devices.isdigit() else args.devices,

@@ -26,6 +26,8 @@ class TrainConfig:
     views: int = 8  # frozen backbones: cached augmented views of each train photo
     boxes: Path | None = None  # bird-box CSV; None: DATA/annotations.csv when present
     use_boxes: bool = True
+    pseudo_labels: Path | None = None  # a trained set: its confident answers on DATA/test_images become train photos
+    pseudo_threshold: float = 0.6  # the ensemble probability a pseudo-labelled photo needs
     # Optimisation.
     epochs: int | None = None
     batch_size: int = 32

@@ -15,6 +15,7 @@ from birdfg.data import (BOX_COLUMNS, Box, DatasetError, Sample, boxes_for, chec
                          check_every_class_has_photos, class_names, csv_columns, drop_unreadable, samples)
 from birdfg.datamodule import FeatureCache, build_feature_cache
 from birdfg.models import BirdModel, build, preprocess_config, preset_specs, shared_backbone_key
+from birdfg.pseudo_labels import pseudo_label
 from birdfg.train_config import TrainConfig
 from birdfg.training import TrainResult, fit
 
@@ -33,6 +34,13 @@ def train_set(cfg: TrainConfig, command: str) -> int:
         if not val_items:
             raise DatasetError(f"{cfg.split_file or cfg.data}: need train and val photos "
                                f"(found {len(train_items)} / {len(val_items)}).")
+        pseudo = None
+        if cfg.pseudo_labels is not None:
+            pseudo = pseudo_label(cfg.pseudo_labels, cfg.data, classes, cfg.pseudo_threshold)
+            print(f"pseudo-labels from {cfg.pseudo_labels}: {len(pseudo.samples)} of the {pseudo.unlabelled} "
+                  f"unlabelled photos (ensemble probability >= {cfg.pseudo_threshold}) join the "
+                  f"{len(train_items)} train photos")
+            train_items = train_items + pseudo.samples
         boxes = _boxes(cfg, train_items)
     except (DatasetError, OSError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -74,6 +82,8 @@ def train_set(cfg: TrainConfig, command: str) -> int:
                    "best_epoch": result.best_epoch}
         trained = {"epochs": result.epochs_run, "command": command, "seconds": round(result.seconds, 1),
                    "pretrained": cfg.pretrained, "bird_box_views": bool(boxes and spec.frozen_backbone)}
+        if pseudo is not None:
+            trained["pseudo_labels"] = pseudo.summary()
         status = _export_if_better(model, layout.checkpoint_path(out_dir, key), classes, preprocess, metrics, trained,
                                    cfg.force)
         rows.append((key, spec.display_name, result, status))

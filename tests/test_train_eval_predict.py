@@ -147,7 +147,8 @@ def test_every_flag_reaches_the_config():
         "--backbone-lr-scale", "0.5", "--weight-decay", "0.2", "--label-smoothing", "0.0", "--mixup", "0.4",
         "--img-size", "96", "--backbone", "tf_efficientnet_lite1",
         "--train-from", "blocks.5", "--seed", "7", "--output", "o",
-        "--split-file", "s.csv", "--views", "2", "--boxes", "b.csv", "--no-boxes", "--no-pretrained", "--resume",
+        "--split-file", "s.csv", "--views", "2", "--boxes", "b.csv", "--no-boxes", "--pseudo-labels", "t",
+        "--pseudo-threshold", "0.9", "--no-pretrained", "--resume",
         "--force", "--accelerator", "cpu", "--devices", "2", "--num-nodes", "2", "--strategy", "ddp",
         "--precision", "16-mixed", "--logger", "none", "--workers", "0", "--push-to-hub", "me/birds",
     ]))
@@ -214,6 +215,35 @@ def test_full_preset_trains_on_images_end_to_end(tiny_dataset, tmp_path):
     assert loaded.meta["preprocess"]["input_size"] == [3, 32, 32]
 
 
+def test_pseudo_labels_join_the_train_photos_with_the_teachers_answers(trained_lite, tiny_dataset, tmp_path):
+    """--pseudo-labels: the unlabelled photos (test_images) the teacher set's ensemble is sure of
+    are cached and trained on as photos of the species it names (its answers as predict writes
+    them); a threshold no answer reaches adds none; the checkpoint says how many joined."""
+    from safetensors.torch import load_file
+
+    out, _ = trained_lite
+    teacher = out / "lite"
+    kaggle = tmp_path / "teacher.csv"
+    done = run("-m", "birdfg.predict", "--data", str(tiny_dataset), "--checkpoints", str(teacher), "--out", str(kaggle),
+               "--workers", "0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    answers = [int(r["Category"]) for r in sorted(csv.DictReader(open(kaggle)), key=lambda r: r["Id"])]
+    labelled = len(list((tiny_dataset / "train_images").rglob("*.jpg")))
+    common = ("train.py", "--data", str(tiny_dataset), "--preset", "lite", "--img-size", "64", "--epochs", "1",
+              "--views", "1", "--models", "cnn", "--workers", "0", "--logger", "none")
+    for threshold, joined in (("1e-6", len(answers)), ("1.0", 0)):
+        student = tmp_path / f"student-{threshold}"
+        result = run(*common, "--pseudo-labels", str(teacher), "--pseudo-threshold", threshold, "--output", str(student))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"{joined} of the {len(answers)} unlabelled photos" in result.stdout, result.stdout
+        (cache,) = (student / ".runs" / "lite" / "cache").glob("features-*.safetensors")
+        assert load_file(str(cache))["train_labels"].tolist()[labelled:] == answers[:joined]
+        meta = checkpoints.read_metadata(student / "lite" / "cnn.safetensors")
+        assert meta["trained"]["pseudo_labels"] == {"photos": joined, "of": len(answers), "threshold": float(threshold)}
+    result = run(*common, "--pseudo-labels", str(tmp_path / "nowhere"), "--output", str(tmp_path / "x"))
+    assert result.returncode == 2 and "--pseudo-labels" in result.stderr and "no usable checkpoint" in result.stderr
+
+
 def test_evaluate_writes_json_and_confusion_matrices(trained_lite, tiny_dataset, tmp_path):
     out, _ = trained_lite
     report_json = tmp_path / "eval.json"
@@ -249,5 +279,7 @@ def test_bad_arguments_fail_with_a_message(tmp_path):
     assert result.returncode == 2 and "--label-smoothing 1.5: must be at least 0 and below 1" in result.stderr
     result = run("train.py", "--data", str(tmp_path), "--preset", "lite", "--mixup", "-1")
     assert result.returncode == 2 and "--mixup -1.0: must be 0 (off) or more" in result.stderr
+    result = run("train.py", "--data", str(tmp_path), "--preset", "lite", "--pseudo-threshold", "0")
+    assert result.returncode == 2 and "--pseudo-threshold 0.0: must be above 0 and at most 1" in result.stderr
     result = run("-m", "birdfg.evaluate", "--data", str(tmp_path), "--checkpoints", str(tmp_path / "none"))
     assert result.returncode == 2 and "no usable checkpoint" in result.stderr
