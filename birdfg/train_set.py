@@ -34,13 +34,6 @@ def train_set(cfg: TrainConfig, command: str) -> int:
         if not val_items:
             raise DatasetError(f"{cfg.split_file or cfg.data}: need train and val photos "
                                f"(found {len(train_items)} / {len(val_items)}).")
-        pseudo = None
-        if cfg.pseudo_labels is not None:
-            pseudo = pseudo_label(cfg.pseudo_labels, cfg.data, classes, cfg.pseudo_threshold)
-            print(f"pseudo-labels from {cfg.pseudo_labels}: {len(pseudo.samples)} of the {pseudo.unlabelled} "
-                  f"unlabelled photos (ensemble probability >= {cfg.pseudo_threshold}) join the "
-                  f"{len(train_items)} train photos")
-            train_items = train_items + pseudo.samples
         boxes = _boxes(cfg, train_items)
     except (DatasetError, OSError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -51,6 +44,17 @@ def train_set(cfg: TrainConfig, command: str) -> int:
     except ValueError as exc:  # a --backbone or --train-from the preset cannot take
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    pseudo = None
+    if cfg.pseudo_labels is not None:  # the teacher's pass, once every flag has been checked
+        try:
+            pseudo = pseudo_label(cfg.pseudo_labels, cfg.data, classes, cfg.pseudo_threshold)
+        except DatasetError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"pseudo-labels from {cfg.pseudo_labels}: {len(pseudo.samples)} of the {pseudo.unlabelled} "
+              f"unlabelled photos (ensemble probability >= {cfg.pseudo_threshold}) join the "
+              f"{len(train_items)} train photos")
+        train_items = train_items + pseudo.samples
     out_dir = cfg.output / cfg.preset
     runs_dir = cfg.output / ".runs" / cfg.preset
     # Models with a frozen backbone share one backbone object and, per input size, one feature cache.

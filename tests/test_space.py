@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -136,9 +137,19 @@ def test_without_a_token_the_upload_says_how_to_log_in(tmp_path):
     assert "error: no Hugging Face token: run `hf auth login`" in done.stderr and "HF_TOKEN" in done.stderr
 
 
+@pytest.fixture
+def fresh_venv(tmp_path) -> Iterator[Path]:
+    """A fresh venv's python. The venv is removed afterwards, whatever the outcome: it is gigabytes
+    (torch and its CUDA wheels), and the test's log and assertion tell a failure."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    yield venv / "bin" / "python"
+    shutil.rmtree(venv, ignore_errors=True)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # a fresh venv installs torch and its CUDA wheels from this machine's disk
-def test_the_space_files_alone_install_and_answer(tmp_path):
+def test_the_space_files_alone_install_and_answer(fresh_venv, tmp_path):
     """As a Space does: the dry run's files in a fresh folder, `pip install -r requirements.txt`
     into a fresh venv, `python app.py` on 0.0.0.0, then `/compare` on an example photo."""
     from gradio_client import Client
@@ -150,47 +161,41 @@ def test_the_space_files_alone_install_and_answer(tmp_path):
     files = space_files(ROOT, "lite")
     assert check(files, ROOT) == []
     space = stage(files, tmp_path / "space")
-    try:
-        timings = {}
-        start = time.monotonic()
-        subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "venv")], check=True, timeout=300)
-        python = tmp_path / "venv" / "bin" / "python"
-        install = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r",
-                                  "requirements.txt"], cwd=space, capture_output=True, text=True, timeout=1800)
-        assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
-        timings["venv + pip install -r requirements.txt"] = time.monotonic() - start
+    timings = {}
+    start = time.monotonic()
+    install = subprocess.run([str(fresh_venv), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r",
+                              "requirements.txt"], cwd=space, capture_output=True, text=True, timeout=1800)
+    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+    timings["pip install -r requirements.txt"] = time.monotonic() - start
 
-        port = app_server.free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "GRADIO_"))}
-        env |= {"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1",
-                "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
-        log_path = tmp_path / "space.log"
-        start = time.monotonic()
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen([str(python), "app.py"], cwd=space, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            url = f"http://127.0.0.1:{port}/"
-            deadline = time.monotonic() + app_server.START_TIMEOUT_S
-            while not app_server.is_alive(url):
-                assert proc.poll() is None, f"app.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, f"no answer on {url}:\n{log_path.read_text()[-3000:]}"
-                time.sleep(1)
-            client = Client(url, verbose=False)
-            answer, *overlays = compare(client, space / "examples" / "american_crow__1.jpg")
-            timings["python app.py to the first /compare answer"] = time.monotonic() - start
-            check_answer(answer)
-            assert all(Path(p).is_file() for p in overlays)
-            # It served the Space's own copy of the set (the venv has no birdfg: the code is the copy's too).
-            assert f"`{space / 'checkpoints' / 'lite'}`" in _status(url)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    port = app_server.free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "GRADIO_"))}
+    env |= {"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1",
+            "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    log_path = tmp_path / "space.log"
+    start = time.monotonic()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([str(fresh_venv), "app.py"], cwd=space, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + app_server.START_TIMEOUT_S
+        while not app_server.is_alive(url):
+            assert proc.poll() is None, f"app.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no answer on {url}:\n{log_path.read_text()[-3000:]}"
+            time.sleep(1)
+        client = Client(url, verbose=False)
+        answer, *overlays = compare(client, space / "examples" / "american_crow__1.jpg")
+        timings["python app.py to the first /compare answer"] = time.monotonic() - start
+        check_answer(answer)
+        assert all(Path(p).is_file() for p in overlays)
+        # It served the Space's own copy of the set (the venv has no birdfg: the code is the copy's too).
+        assert f"`{space / 'checkpoints' / 'lite'}`" in _status(url)
     finally:
-        # The venv is gigabytes (torch and its CUDA wheels); space.log and the assertion tell a failure.
-        shutil.rmtree(tmp_path / "venv", ignore_errors=True)
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
     for step, seconds in timings.items():
         print(f"{step}: {seconds:.0f} s")
 
