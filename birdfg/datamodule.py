@@ -56,8 +56,10 @@ class FeatureCache:
 
 def _cache_key(backbone_name: str, preprocess: dict, views: int, seed: int, train: list[Sample],
                val: list[Sample]) -> str:
-    digest = hashlib.sha256(json.dumps([backbone_name, preprocess, views, seed,
-                                        [str(s.path) for s in train], [str(s.path) for s in val]]).encode())
+    # Labels too: the cache stores them, and the same photos may come back relabelled (--pseudo-labels
+    # from another teacher, an edited split file).
+    digest = hashlib.sha256(json.dumps([backbone_name, preprocess, views, seed, [(str(s.path), s.label) for s in train],
+                                        [(str(s.path), s.label) for s in val]]).encode())
     return digest.hexdigest()[:16]
 
 

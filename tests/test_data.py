@@ -160,3 +160,21 @@ def test_data_module_batches_cached_features():
     assert x.dtype == torch.float32 and x.shape == (5, 8, 2, 2) and idx.tolist() == list(range(5))
     with pytest.raises(TypeError, match="both"):
         BirdDataModule(train, [data.Sample(Path("a.jpg"), 0)], batch_size=4, preprocess=PREPROCESS)
+
+
+def test_the_feature_cache_is_not_reused_for_relabelled_photos(tiny_dataset, tmp_path):
+    """The same photos with other labels (a new teacher's pseudo-labels, an edited split file)
+    get their own cache: the labels a run trains on are always its own."""
+    from birdfg.datamodule import build_feature_cache
+    from birdfg.models import build, preprocess_config, preset_specs
+
+    spec = preset_specs("lite", 3, ("cnn",), img_size=64)["cnn"]
+    model = build(spec, pretrained=False)
+    classes = data.class_names(tiny_dataset)
+    train = data.samples(tiny_dataset, "train", classes)[:4]
+    val = data.samples(tiny_dataset, "val", classes)[:2]
+    relabelled = [data.Sample(s.path, (s.label + 1) % 3) for s in train]
+    for items in (train, relabelled, train):
+        cache = build_feature_cache(model, preprocess_config(spec), items, val, views=1, seed=0, cache_dir=tmp_path)
+        assert cache.train.labels.tolist() == [s.label for s in items]
+    assert len(list(tmp_path.glob("features-*.safetensors"))) == 2
