@@ -18,6 +18,16 @@ For the true class of each photo (val_images, or the `test` photos of `--split-f
 - `value_norm_rollout`: the last layer's class-token attention weighted by the norm of what each
   token sends (Kobayashi et al. 2020, ||alpha_j f(x_j)||), spread back through the earlier layers'
   rollout; not class-specific;
+- `attention_score_cam`: Score-CAM (Wang et al. 2020) whose masks are the ViT's own attention maps
+  (each head's class-token row in each layer, and the rollout), each scaled to 0..1: the photo is
+  shown through each mask (grey elsewhere) and the masks are summed, weighted by the class's
+  probability on what they let through (ReLU); the masks come from the transformer, the weights
+  from the model's answers (ViT-CX, Xie et al. 2023, weighs its masks the same way);
+- with `--rise N`, `rise`: RISE (Petsiuk, Das & Saenko 2018, the paper of the deletion / insertion
+  test itself), a model-agnostic map at the input's resolution: N random binary 7 x 7 grids
+  (p = 0.5), upsampled bilinearly with a random shift, each showing the photo with grey elsewhere;
+  the map is the masks' mean weighted by the class's probability. N passes of the whole model per
+  photo (about 15 s for N = 1000 on 2 cores), so off by default;
 - `relevance_smoothed`, `rollout_smoothed`: the app's maps blurred by a Gaussian of one token
   (sigma 1 cell) -- a diagnosis of where they lose, not a candidate: it says whether the order of
   the maps' weak tail (cells far from the peak) is what the centre prior beats;
@@ -109,17 +119,47 @@ def candidate_maps(head, fmap: torch.Tensor, label: int) -> dict[str, np.ndarray
     return maps
 
 
+def rise_masks(n: int, side: int, cells: int = 7, p: float = 0.5, seed: int = 0) -> torch.Tensor:
+    """RISE's masks (n, 1, side, side): binary `cells` x `cells` grids kept with probability `p`,
+    upsampled bilinearly to one cell more than the side and cut at a random shift."""
+    g = torch.Generator().manual_seed(seed)
+    cell = int(np.ceil(side / cells))
+    up = (cells + 1) * cell
+    grids = (torch.rand(n, 1, cells, cells, generator=g) < p).float()
+    big = torch.nn.functional.interpolate(grids, size=(up, up), mode="bilinear", align_corners=False)
+    dx, dy = torch.randint(0, cell, (n,), generator=g), torch.randint(0, cell, (n,), generator=g)
+    return torch.stack([big[i, :, dy[i]:dy[i] + side, dx[i]:dx[i] + side] for i in range(n)])
+
+
+def weighted_masks(engine, x: torch.Tensor, label: int, masks: torch.Tensor) -> np.ndarray:
+    """The masks (K, 1, H', W') summed, each weighted by the ViT's probability of `label` on the
+    photo `x` (1, 3, H, W) seen through it (grey, 0 after normalisation, elsewhere)."""
+    shown = torch.nn.functional.interpolate(masks, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+    probs = torch.as_tensor(engine.probabilities("vit", x * shown)["vit"][:, label])
+    return torch.einsum("k,khw->hw", probs, masks[:, 0]).numpy()
+
+
+def attention_score_cam(engine, x: torch.Tensor, label: int, attentions: list[torch.Tensor],
+                        rollout: np.ndarray) -> np.ndarray:
+    side = rollout.shape[0]
+    rows = [torch.as_tensor(a)[0, h, 0, 1:].reshape(side, side).float() for a in attentions for h in range(a.shape[1])]
+    masks = torch.stack([*rows, torch.as_tensor(rollout, dtype=torch.float32)])[:, None]
+    low, high = masks.amin((2, 3), keepdim=True), masks.amax((2, 3), keepdim=True)
+    masks = (masks - low) / (high - low).clamp(min=1e-8)
+    return np.maximum(weighted_masks(engine, x, label, masks), 0)
+
+
 def smoothed(grid: np.ndarray, sigma: float = 1.0) -> np.ndarray:
     t = torch.as_tensor(grid, dtype=torch.float32)[None, None]
     return gaussian_blur(t, [5, 5], [sigma, sigma])[0, 0].numpy()
 
 
-def measure(engine, items: list, steps: int) -> tuple[list[dict], float]:
+def measure(engine, items: list, steps: int, rise: int = 0) -> tuple[list[dict], float]:
     from birdfg import faithfulness as fm
     from birdfg.evaluate import photo_seed
 
     head = engine.models["vit"].model.head
-    rows = []
+    rows, masks = [], None
     began = time.perf_counter()
     for item in tqdm(items, desc="vit maps", unit="photo"):
         photo = Image.open(item.path).convert("RGB")
@@ -133,6 +173,11 @@ def measure(engine, items: list, steps: int) -> tuple[list[dict], float]:
         unit = lambda m: m / m.max() if m.max() > 0 else m  # noqa: E731
         maps["relevance_x_grad_cam"] = unit(maps["relevance"]) * unit(maps["grad_cam"])
         x = evidence.inputs[0]
+        maps["attention_score_cam"] = attention_score_cam(engine, x, item.label, evidence.attentions, maps["rollout"])
+        if rise:
+            if masks is None or masks.shape[-1] != x.shape[-1]:
+                masks = rise_masks(rise, x.shape[-1])  # the same masks for every photo
+            maps["rise"] = weighted_masks(engine, x, item.label, masks) / (rise * 0.5)
         maps["centre"] = fm.centre_prior(tuple(x.shape[-2:]))
         maps["random"] = fm.random_map(maps["relevance"].shape, photo_seed(item))
         plan = fm.plan(x, maps, steps, fm.MODES, seed=photo_seed(item), include_unperturbed=False)
@@ -162,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split-file", type=Path, default=None, help="CUB's split (annotations.csv): its test photos")
     p.add_argument("--limit", type=int, default=None, help="this many evenly spaced photos (default: all)")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--rise", type=int, default=0, metavar="N",
+                   help="also RISE with N random masks (N passes of the model per photo; default: off)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -181,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     # With a split file, birdfg.data's "val" is its cub_split test photos (as in birdfg.evaluate).
     split = "cub_split test" if args.split_file else "val"
     items = evenly_spaced(samples(args.data, "val", engine.classes, args.split_file), args.limit)
-    rows, seconds = measure(engine, items, args.steps)
+    rows, seconds = measure(engine, items, args.steps, args.rise)
     summary = summarise(rows)
     print(f"\n{len(rows)} photos ({split}), {args.steps} steps, {seconds:.0f} s")
     print(f"{'map':24s} {'deletion':>9s} {'insertion':>9s}  beats centre (del / ins)")
