@@ -77,6 +77,25 @@ def test_onnx_answers_and_maps_equal_torch_eager(lite_set, photos):
         assert pairs == [caption for caption, _ in plain.parts_of(b, "bcnn")] and len(pairs) == 4
 
 
+def test_exported_graphs_pad_by_constants(lite_set):
+    """The trunk's TF-style padding is exported as numbers of the graph's input size, not as
+    arithmetic on the tensor's shape, so ONNX Runtime can merge it into the convolutions."""
+    import onnx
+
+    Engine(load_set(lite_set), warm_up=False)
+    (path,) = layout.graph_cache_dir(lite_set).glob("*.onnx")
+    graph = onnx.load(str(path)).graph
+    made_by = {output: node for node in graph.node for output in node.output}
+
+    def reads_the_photo(name: str) -> bool:  # computed, however indirectly, from the graph's input
+        node = made_by.get(name)
+        return name == "x" if node is None else any(reads_the_photo(i) for i in node.input if i)
+
+    pads = [n for n in graph.node if n.op_type == "Pad"]
+    assert pads, "the Lite0 trunk pads before its strided convolutions"
+    assert not [n.name for n in pads if reads_the_photo(n.input[1])]
+
+
 def test_evidence_is_kept_only_when_asked_for(lite_set, photos):
     engine = Engine(load_set(lite_set), warm_up=False)
     without, = engine.run(photos[:1])

@@ -8,7 +8,9 @@ is refused and rebuilt. ONNX files are protobuf, never pickles.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
 import importlib.util
 import json
 import logging
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from birdfg.inference.parts import GroupPart, Outputs
@@ -26,7 +29,7 @@ from birdfg.inference.threads import usable_cpus
 
 log = logging.getLogger("birdfg.inference")
 
-GRAPH_FORMAT = "birdfg-graph/1"  # bump when the parts' outputs change: old cache files go stale
+GRAPH_FORMAT = "birdfg-graph/2"  # bump when the parts' outputs or their export change: old cache files go stale
 OPSET = 17
 USER_CACHE = Path(os.environ.get("BIRDFG_CACHE", Path.home() / ".cache" / "birdfg")) / "onnx"
 
@@ -207,7 +210,7 @@ def _export(part: GroupPart, example: torch.Tensor, key: str, path: Path) -> Non
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), fixed_same_padding():
             warnings.simplefilter("ignore")  # tracer warnings about Python-side constants
             torch.onnx.export(_Flat(part, names).eval(), (example,), tmp, dynamo=False, input_names=["x"], output_names=list(names),
                               dynamic_axes={n: {0: "batch"} for n in ("x", *names)}, opset_version=OPSET)
@@ -219,6 +222,39 @@ def _export(part: GroupPart, example: torch.Tensor, key: str, path: Path) -> Non
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+# timm's modules that pad TF-style ("same") at run time, each calling its own `pad_same`.
+_SAME_PADDING_MODULES = ("timm.layers.conv2d_same", "timm.layers.pool2d_same")
+
+
+@contextlib.contextmanager
+def fixed_same_padding():
+    """While exporting, TF-style "same" padding (timm's `tf_*` trunks, such as EfficientNet-Lite)
+    is a constant of the example's size. Traced as timm writes it, each strided convolution's
+    padding is computed from the tensor's shape at run time: the graph then holds that arithmetic
+    and a Pad of its own before each such convolution, which ONNX Runtime can neither fold nor merge
+    into the convolution, so the NCHWc layout leaves and re-enters around every one of them. A
+    graph serves one input size (its key holds it; only the batch axis is dynamic), so its padding
+    is fixed: the same numbers, merged into the convolutions (benchmarks/README.md, "Engine A/B")."""
+    from timm.layers.padding import get_same_padding
+
+    def pad_same(x: torch.Tensor, kernel_size, stride, dilation=(1, 1), value: float = 0) -> torch.Tensor:
+        ih, iw = (int(side) for side in x.shape[-2:])  # Python ints: constants in the trace
+        pad_h = get_same_padding(ih, kernel_size[0], stride[0], dilation[0])
+        pad_w = get_same_padding(iw, kernel_size[1], stride[1], dilation[1])
+        return F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=value)
+
+    # `timm.layers.conv2d_same` as an attribute is the function of that name: import the modules.
+    modules = [importlib.import_module(name) for name in _SAME_PADDING_MODULES]
+    traced = [module.pad_same for module in modules]
+    for module in modules:
+        module.pad_same = pad_same
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, traced):
+            module.pad_same = original
 
 
 def runner(part: GroupPart, name: str, example: torch.Tensor, folder: Path | None, runtime: str,
