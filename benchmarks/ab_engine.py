@@ -9,8 +9,9 @@ variants taking turns, so that a change of load on a shared machine touches them
     python benchmarks/ab_engine.py mechanisms --json out.json
 
 `revisions`: a comparison as the app makes it (one photo file -> every model's answer and map
-drawn on the photo, in-process) and photos/s of batches of 16, for this tree and the revision
-checked out at --against (`git worktree add /tmp/before <rev>`); ratio = this tree / that one.
+drawn on the photo, in-process), photos/s of batches of 16, and every model's default map for
+every class of a compared photo (what the page's second update holds), for this tree and the
+revision checked out at --against (`git worktree add /tmp/before <rev>`); ratio = this tree / that one.
 `mechanisms`: the same two figures for the engine with each mechanism switched off in turn:
 ONNX Runtime (off: torch eager), its full graph optimisation (off: basic), its idle threads
 sleeping (off: spinning, ONNX Runtime's default), the whole batch in one runtime call (off: one
@@ -57,6 +58,18 @@ class Timer:
             times.append((time.perf_counter() - start) * 1000)
         return times
 
+    def maps_ms(self, n: int) -> list[float]:
+        """Ms per photo for every model's default map of every class (the photo compared first)."""
+        times = []
+        for _ in range(n):
+            path = self.paths[self.turn % len(self.paths)]
+            self.turn += 1
+            comparison = self.engine.compare(path)
+            start = time.perf_counter()
+            self.engine.every_map(comparison)
+            times.append((time.perf_counter() - start) * 1000)
+        return times
+
     def batch_ips(self, n: int, per_photo: bool = False) -> list[float]:
         """Photos/s of a batch in one call (or, with `per_photo`, one call per photo)."""
         rates = []
@@ -85,7 +98,7 @@ def worker(args: argparse.Namespace) -> int:
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         what, n = line.split()
-        values = timer.compare_ms(int(n)) if what == "compare" else timer.batch_ips(int(n))
+        values = {"compare": timer.compare_ms, "maps": timer.maps_ms, "batch": timer.batch_ips}[what](int(n))
         print(json.dumps(values), flush=True)
     return 0
 
@@ -107,27 +120,30 @@ def revisions(args: argparse.Namespace) -> dict:
         ready = procs[name].stdout.readline()
         if not ready.strip().startswith('{"ready"'):
             raise RuntimeError(f"the {name} worker ({tree}) did not start: {ready!r}")
-    compare = {name: [] for name in sides}
-    batch = {name: [] for name in sides}
+    figures = {what: {name: [] for name in sides} for what in ("compare", "maps", "batch")}
+
+    def ask(name: str, what: str, n: int) -> None:
+        procs[name].stdin.write(f"{what} {n}\n")
+        procs[name].stdin.flush()
+        figures[what][name] += json.loads(procs[name].stdout.readline())
+
     for round_ in range(args.rounds):
         order = list(sides) if round_ % 2 == 0 else list(reversed(sides))  # neither always goes first
         for name in order:
-            procs[name].stdin.write(f"compare {args.photos}\n")
-            procs[name].stdin.flush()
-            compare[name] += json.loads(procs[name].stdout.readline())
-            procs[name].stdin.write("batch 1\n")
-            procs[name].stdin.flush()
-            batch[name] += json.loads(procs[name].stdout.readline())
-        print(f"round {round_ + 1}/{args.rounds}: compare ms {_summary(compare)}, batch photos/s {_summary(batch)}",
-              flush=True)
+            ask(name, "compare", args.photos)
+            ask(name, "maps", args.photos)
+            ask(name, "batch", 1)
+        print(f"round {round_ + 1}/{args.rounds}: compare ms {_summary(figures['compare'])}, every map ms "
+              f"{_summary(figures['maps'])}, batch photos/s {_summary(figures['batch'])}", flush=True)
     for proc in procs.values():
         proc.stdin.close()
         proc.wait()
-    c, b = _summary(compare), _summary(batch)
+    c, m, b = (_summary(figures[what]) for what in ("compare", "maps", "batch"))
     shown_sets = {"this": str(args.checkpoints), "against": str(args.against_checkpoints or args.checkpoints)}
-    return {"against": str(args.against), "sets": shown_sets, "compare_ms": c, "batch_ips": b,
-            "compare_ratio": round(c["this"] / c["against"], 3), "batch_ratio": round(b["this"] / b["against"], 3),
-            "samples": {"compare": len(compare["this"]), "batch": len(batch["this"])}}
+    return {"against": str(args.against), "sets": shown_sets, "compare_ms": c, "every_map_ms": m, "batch_ips": b,
+            "compare_ratio": round(c["this"] / c["against"], 3), "every_map_ratio": round(m["this"] / m["against"], 3),
+            "batch_ratio": round(b["this"] / b["against"], 3),
+            "samples": {what: len(figures[what]["this"]) for what in figures}}
 
 
 def mechanisms(args: argparse.Namespace) -> dict:

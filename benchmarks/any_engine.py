@@ -31,6 +31,13 @@ class AnyEngine:
             return [self.engine.overlay(comparison, key) for key in comparison.answered]
         return [comparison.overlay(key) for key, r in comparison.results.items() if r.ok]
 
+    def every_map(self, comparison) -> list[np.ndarray]:
+        """Every answering model's default map for every class, (classes, H, W) each."""
+        if not self.new:
+            raise NotImplementedError("a revision from before the engine has no maps for many classes at once")
+        every = [(c, None) for c in range(len(self.engine.classes))]
+        return [self.engine.explain_all(comparison, key, every) for key in comparison.answered]
+
     def grid(self, comparison, key: str, cls: int | None = None, **view) -> np.ndarray:
         if self.new:
             return self.engine.explain(comparison, key, cls, "layer" if view else None, **view)

@@ -291,9 +291,10 @@ class AttentionRelevance(Explanation):
                 raise ValueError("this model's relevance needs the photo's input tensor (Evidence.inputs)")
             return model(evidence.inputs.clone())
         # The attention is in the head: it runs again from the features the head scored (the
-        # gradient stops at the attention matrices, so nothing before the head is needed). A
-        # clone: the torch runner's tensors come from inference mode, which autograd refuses.
-        return model.head(evidence.features.clone())
+        # gradient stops at the attention matrices, so nothing before the head is needed), and
+        # only as far as the logits need (`class_logits`, where the head has it). A clone: the
+        # torch runner's tensors come from inference mode, which autograd refuses.
+        return getattr(model.head, "class_logits", model.head)(evidence.features.clone())
 
 
 def explanations_of(model: nn.Module) -> list[Explanation]:

@@ -270,6 +270,24 @@ def test_relevance_of_a_contrast_is_the_gradient_of_the_logit_difference():
     np.testing.assert_allclose(method.grid(Evidence(fmap), 3, rather=1), expected, rtol=1e-5, atol=1e-7)
 
 
+def test_class_logits_are_the_logits_and_record_the_class_tokens_row_last():
+    """The relevance's forward computes the last block for the class token only: the same logits,
+    the same attention before it, and the last layer's attention as the class token's row."""
+    torch.manual_seed(6)
+    head = TransformerHead(8, 4, grid=4, dim=16, depth=2, heads=4).eval()
+    fmap = torch.rand(2, 8, 4, 4)
+    recorder = AttentionRecorder(head)
+    full = head(fmap)
+    whole = recorder.take()
+    fast = head.class_logits(fmap)
+    rows = recorder.take()
+    recorder.remove()
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rows[0], whole[0])
+    assert rows[1].shape == (2, 4, 1, 17)
+    torch.testing.assert_close(rows[1], whole[1][:, :, :1], rtol=1e-5, atol=1e-6)
+
+
 def test_cam_and_bilinear_methods_give_their_heads_class_maps():
     fmap = planted_fmap()
     for head, method in ((LinearHead(8, 3), ClassActivationMap), (BilinearHead(8, 3, dim=4), BilinearSplit)):
