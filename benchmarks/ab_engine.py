@@ -59,8 +59,11 @@ class Timer:
         return times
 
     def maps_ms(self, n: int) -> list[float]:
-        """Ms per photo for every model's default map of every class (the photo compared first)."""
+        """Ms per photo for every model's default map of every class (the photo compared first);
+        none for a revision from before the engine, which has no such call."""
         times = []
+        if not self.engine.new:
+            return times
         for _ in range(n):
             path = self.paths[self.turn % len(self.paths)]
             self.turn += 1
@@ -103,8 +106,12 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(values: dict[str, list[float]]) -> dict[str, float]:
-    return {name: round(statistics.median(v), 2) for name, v in values.items()}
+def _summary(values: dict[str, list[float]]) -> dict[str, float | None]:
+    return {name: round(statistics.median(v), 2) if v else None for name, v in values.items()}
+
+
+def _ratio(figure: dict[str, float | None]) -> float | None:
+    return round(figure["this"] / figure["against"], 3) if None not in figure.values() else None
 
 
 def revisions(args: argparse.Namespace) -> dict:
@@ -141,8 +148,7 @@ def revisions(args: argparse.Namespace) -> dict:
     c, m, b = (_summary(figures[what]) for what in ("compare", "maps", "batch"))
     shown_sets = {"this": str(args.checkpoints), "against": str(args.against_checkpoints or args.checkpoints)}
     return {"against": str(args.against), "sets": shown_sets, "compare_ms": c, "every_map_ms": m, "batch_ips": b,
-            "compare_ratio": round(c["this"] / c["against"], 3), "every_map_ratio": round(m["this"] / m["against"], 3),
-            "batch_ratio": round(b["this"] / b["against"], 3),
+            "compare_ratio": _ratio(c), "every_map_ratio": _ratio(m), "batch_ratio": _ratio(b),
             "samples": {what: len(figures[what]["this"]) for what in figures}}
 
 

@@ -34,7 +34,7 @@ class AnyEngine:
     def every_map(self, comparison) -> list[np.ndarray]:
         """Every answering model's default map for every class, (classes, H, W) each."""
         if not self.new:
-            raise NotImplementedError("a revision from before the engine has no maps for many classes at once")
+            raise NotImplementedError("the Comparator from before the engine has no maps for many classes at once")
         every = [(c, None) for c in range(len(self.engine.classes))]
         return [self.engine.explain_all(comparison, key, every) for key in comparison.answered]
 

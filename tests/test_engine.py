@@ -4,6 +4,7 @@ they do not match, a model that cannot run in ONNX still answers in torch, and t
 the pixels of the straightforward way. (Timings live in benchmarks/, never here.)"""
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 
@@ -87,6 +88,7 @@ def test_exported_graphs_pad_by_constants(lite_set):
     graph = onnx.load(str(path)).graph
     made_by = {output: node for node in graph.node for output in node.output}
 
+    @functools.cache
     def reads_the_photo(name: str) -> bool:  # computed, however indirectly, from the graph's input
         node = made_by.get(name)
         return name == "x" if node is None else any(reads_the_photo(i) for i in node.input if i)
