@@ -18,6 +18,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 600  # imports + loading the set; a two-core machine shared with training can be very slow
 _running: dict[str, tuple[subprocess.Popen, str]] = {}
+_logs: dict[str, Path] = {}  # each started app's URL -> its log (stdout and stderr)
+
+
+def log_tail(url: str, chars: int = 6000) -> str | None:
+    """The end of the log of the app serving `url`, if a test started it (for failed tests' reports)."""
+    path = _logs.get(url)
+    return path.read_text(errors="replace")[-chars:] if path and path.is_file() else None
 
 
 def free_port() -> int:
@@ -54,6 +61,7 @@ def app_url(checkpoints: Path, examples: Path, config: pytest.Config, tmp: Path,
     log = open(log_path, "w")
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
+    _logs[url] = log_path
 
     def stop() -> None:
         proc.terminate()

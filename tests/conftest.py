@@ -107,6 +107,20 @@ def sample_photo(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that talked to a running app gets the end of that app's log in its report."""
+    report = yield
+    url = getattr(item, "funcargs", {}).get("app_url")
+    if report.failed and isinstance(url, str):
+        import app_server
+
+        tail = app_server.log_tail(url)
+        if tail:
+            report.sections.append(("app.py log (end)", tail))
+    return report
+
+
 @pytest.fixture(scope="session")
 def app_url(app_checkpoints, pytestconfig, tmp_path_factory) -> str:
     """The real `python app.py` on localhost, started once and shared by the app tests (tests/app_server.py)."""

@@ -82,12 +82,22 @@ def drop_photo(page, photo) -> None:
                            "return m && m.dataset.rendered > 0 && !m.querySelector('canvas').hidden; })", arg=list(KEYS))
 
 
+def labels_shown(page, keys=KEYS) -> None:
+    """Until each model's top-5 label has an answer; a timeout says what the page showed instead
+    (its toasts: an error or a busy queue)."""
+    try:
+        for key in keys:
+            page.wait_for_selector(f"#label-{key} .output-class")
+    except Exception as exc:
+        toasts = page.locator(".toast-body").all_inner_texts()
+        raise AssertionError(f"no answer in the labels; the page's toasts: {toasts}") from exc
+
+
 def test_upload_compare_and_ask_about_another_species(page, sample_photo):
     requests = []
     page.on("request", lambda r: requests.append(r.url))
     drop_photo(page, sample_photo)
-    for key in KEYS:
-        page.wait_for_selector(f"#label-{key} .output-class")
+    labels_shown(page)
     page.wait_for_function("document.querySelector('#agree').innerText.trim().length > 0")
     top = {k: page.inner_text(f"#label-{k} .output-class").strip() for k in KEYS}
     assert top["cnn"] in caption(page, "cnn")
@@ -162,14 +172,28 @@ def test_upload_compare_and_ask_about_another_species(page, sample_photo):
     page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
 
 
-def hold_the_event(page) -> list:
-    """Hold back the page's event: its queue/join requests are kept, unanswered, until release()."""
-    held = []
-    page.route("**/queue/join*", lambda route: held.append(route))
+class Held(list):
+    """The page's queue/join requests held back, until `released`."""
+    released = False
+
+
+def hold_the_event(page) -> Held:
+    """Hold back the page's event: its queue/join requests are kept, unanswered, until release().
+    A request that reaches the handler once released (one can still be on its way to it while
+    release() runs) goes on at once: none may be left waiting for good."""
+    held = Held()
+
+    def hold(route) -> None:
+        if held.released:
+            route.continue_()
+        else:
+            held.append(route)
+
+    page.route("**/queue/join*", hold)
     return held
 
 
-def wait_until_held(page, held: list, timeout_s: float = 30) -> None:
+def wait_until_held(page, held: Held, timeout_s: float = 30) -> None:
     """Until the page has asked for its event (the page's own call for the maps may answer first)."""
     for _ in range(int(timeout_s / 0.02)):
         if held:
@@ -178,9 +202,10 @@ def wait_until_held(page, held: list, timeout_s: float = 30) -> None:
     raise AssertionError("the photo's event never asked to join the queue")
 
 
-def release(page, held: list) -> None:
-    for route in held:
-        route.continue_()
+def release(page, held: Held) -> None:
+    held.released = True
+    while held:
+        held.pop(0).continue_()
     page.unroute("**/queue/join*")
 
 
@@ -203,8 +228,7 @@ def test_the_maps_come_before_the_events_answer(page, sample_photo):
     assert all(int(now) == int(old) + 1 for now, old in zip(early, before)), (before, early)
     drawn = pixels(page)
     release(page, held)
-    for key in KEYS:
-        page.wait_for_selector(f"#label-{key} .output-class")
+    labels_shown(page)
     page.wait_for_timeout(1000)  # the ViT's second update
     assert pixels(page)[0] == drawn[0]
 
@@ -220,7 +244,7 @@ def test_removing_the_photo_removes_its_maps(page, sample_photo):
     value equals the one they stood in for, so only maps.js can tell)."""
     remove = page.locator("#photo").get_by_role("button", name="Remove Image")
     drop_photo(page, sample_photo)
-    page.wait_for_selector("#label-cnn .output-class")
+    labels_shown(page, ["cnn"])
     page.wait_for_timeout(1000)  # the ViT's second update: the model thread idle again
     remove.click()
     hidden_maps(page)
