@@ -1,11 +1,13 @@
-"""Which map of the lite ViT is most faithful? Every candidate beside the app's own two, measured
+"""Which map of the lite ViT is most faithful? Every candidate beside the app's own three, measured
 with the same deletion / insertion test as `python -m birdfg.evaluate --faithfulness`.
 
     python benchmarks/vit_map_variants.py --checkpoints checkpoints/lite --json benchmarks/results/vit_map_variants_val.json
 
 For the true class of each photo (val_images, or the `test` photos of `--split-file`'s
 `cub_split`), maps on the ViT's 10 x 10 token grid, all from the photo's own recorded pass:
-- `relevance` (the app's default; Chefer et al. 2021) and `rollout` (Abnar & Zuidema 2020);
+- `contributions` (the app's default: the class score split exactly over the tokens with the
+  photo's attention held fixed, `TransformerHead.class_maps`), `relevance` (Chefer et al. 2021)
+  and `rollout` (Abnar & Zuidema 2020);
 - `head_weighted_rollout`: rollout whose heads are weighted, per layer, by their gradient
   importance for the class (sum over the class token's row of (dA * A)+), instead of averaged;
 - `grad_cam`: GradCAM (Selvaraju et al. 2017) at the hybrid's last convolutional map, the grid the
@@ -166,7 +168,7 @@ def measure(engine, items: list, steps: int, rise: int = 0) -> tuple[list[dict],
         comparison = engine.run([photo], evidence=True)[0]
         evidence = comparison.results["vit"].evidence
         maps = {name: engine.explain_all(comparison, "vit", [(item.label, None)], name)[0]
-                for name in ("relevance", "rollout")}
+                for name in ("contributions", "relevance", "rollout")}
         maps.update(candidate_maps(head, evidence.features, item.label))
         maps["relevance_smoothed"] = smoothed(maps["relevance"])
         maps["rollout_smoothed"] = smoothed(maps["rollout"])
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no usable vit checkpoint in {args.checkpoints}: {model_set.errors}", file=sys.stderr)
         return 2
     engine = Engine(model_set)
-    if engine.methods["vit"][0].name != "relevance" or not hasattr(engine.models["vit"].model.head, "blocks"):
+    if engine.methods["vit"][0].name != "contributions" or not hasattr(engine.models["vit"].model.head, "blocks"):
         print("error: this benchmark reads the lite ViT's own transformer head (TransformerHead)", file=sys.stderr)
         return 2
     # With a split file, birdfg.data's "val" is its cub_split test photos (as in birdfg.evaluate).

@@ -6,7 +6,7 @@ class. The app asks a model what it can show (`explanations_of`) and never which
 
 Every method answers for a list of targets, each a class or a contrast "class X rather than
 class Y" (the map of logit_X - logit_Y). A method whose map is linear in the class score
-(`linear_in_class`: CAM, the bilinear split) gives contrasts exactly as a difference of two
+(`linear_in_class`: CAM, the bilinear split, the ViT's token contributions) gives contrasts exactly as a difference of two
 class maps, so one map per class is all a viewer needs. A gradient method runs the part of the
 model that holds what it differentiates once more with autograd on, then one batched backward
 pass for all its targets: the lite ViT's head from `Evidence.features` (nothing before the head
@@ -61,6 +61,9 @@ class Explanation(ABC):
     description: ClassVar[str]  # one sentence for a reader of the map
     class_specific: ClassVar[bool] = True  # False: the same map whatever class is asked about
     linear_in_class: ClassVar[bool] = False  # True: map(X rather than Y) == map(X) - map(Y) exactly
+    # True: every class asked about costs a backward pass, so a quick first answer asks for the
+    # model's own guess only (birdfg/app/map_data.py); False: every class comes at once.
+    cost_per_class: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -134,6 +137,18 @@ class BilinearSplit(_HeadClassMap):
             per_class = self.model.head.top_pairs(evidence.features, list(classes), k)
         return [[(f"{i}x{j}: {value:+.3g}", grid.float().numpy()) for i, j, value, grid in pairs]
                 for pairs in per_class]
+
+
+class TokenContributions(_HeadClassMap):
+    """The hybrid ViT's class score split exactly over its patch tokens, with the photo's own
+    attention held fixed (`TransformerHead.class_maps`): class-specific, and a contrast is the
+    difference of two class maps, like CAM."""
+
+    cost_per_class = True
+    name = "contributions"
+    label = "Token contributions"
+    description = ("Token contributions: the species' score split exactly over the patches, with this photo's "
+                   "attention held fixed (as in DecompX, Modarressi et al. 2023).")
 
 
 def rollout_matrix(fused: list[torch.Tensor]) -> torch.Tensor:
@@ -249,6 +264,7 @@ class AttentionRelevance(Explanation):
     head, from the features it scored), and one batched backward pass gives every target's
     attention gradients."""
 
+    cost_per_class = True
     name = "relevance"
     label = "Relevance for the species"
     description = ("Relevance: attention weighted by how much it raises the species' score "

@@ -301,8 +301,9 @@ def gradcam_target(model: nn.Module) -> nn.Module | None:
 
 def gradcam_applies(engine: "Engine", key: str) -> bool:
     """GradCAM is the baseline for the maps that split a score exactly over the feature grid (the
-    CNN's CAM, the B-CNN's bilinear split: `linear_in_class`), on a model with its own top. The
-    ViT's maps are attention, which GradCAM does not read."""
+    CNN's CAM, the B-CNN's bilinear split, the hybrid ViT's token contributions:
+    `linear_in_class`), on a model with its own top: there, at the convolutional map the head
+    scores (for the hybrid ViT, the one it turns into tokens)."""
     return engine.methods[key][0].linear_in_class and gradcam_target(engine.models[key].model) is not None
 
 

@@ -16,7 +16,8 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from birdfg.explanations import AttentionRelevance, AttentionRollout, BilinearSplit, ClassActivationMap, LayerAttention
+from birdfg.explanations import (AttentionRelevance, AttentionRollout, BilinearSplit, ClassActivationMap, LayerAttention,
+                                 TokenContributions)
 
 
 class LinearHead(nn.Module):
@@ -58,7 +59,7 @@ class TransformerHead(nn.Module):
     token and learned position embeddings are added, and a small transformer encoder (timm's own
     `Block`, so attention is real ViT attention) feeds a linear classifier on the class token."""
 
-    explanations = (AttentionRelevance, AttentionRollout, LayerAttention)
+    explanations = (TokenContributions, AttentionRelevance, AttentionRollout, LayerAttention)
 
     def __init__(
         self,
@@ -97,6 +98,44 @@ class TransformerHead(nn.Module):
         for block in self.blocks[:-1]:
             x = block(x)
         return self.fc(self.drop(self.norm(class_token_block(self.blocks[-1], x))[:, 0]))
+
+    def class_maps(self, fmap: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """Each class score split exactly over the patch tokens as they enter the transformer,
+        (B, K, H, W), in the manner of DecompX (Modarressi et al., ACL 2023): with this pass's
+        attention weights, LayerNorm scales and GELU slopes (GELU(z) / z) held fixed, the class
+        token's output is linear in the tokens plus the biases, so gradient x input of that
+        linearised pass splits it exactly; the class token's own share and the biases' make up
+        the rest of the score. One batched backward pass for every class asked about."""
+        classes = torch.as_tensor(classes).tolist()
+        # Autograd inside a caller's inference mode: the clone is an ordinary tensor.
+        with torch.inference_mode(False), torch.enable_grad():
+            tokens = self._tokens(fmap.detach().clone().float()).detach().requires_grad_()
+            scores = self._linearised_class_token(tokens) @ self.fc.weight[classes].T  # (B, K)
+            onehot = torch.eye(len(classes), dtype=scores.dtype, device=scores.device)[:, None].expand(-1, len(scores), -1)
+            (grads,) = torch.autograd.grad(scores, tokens, grad_outputs=onehot, is_grads_batched=True)
+            shares = (grads * tokens.detach()).sum(-1)[..., 1:]  # (K, B, N): patch tokens only
+        return shares.transpose(0, 1).reshape(fmap.shape[0], len(classes), *fmap.shape[-2:]).detach()
+
+    def _linearised_class_token(self, x: torch.Tensor) -> torch.Tensor:
+        """The class token's output before the classifier, (B, D): the same values as `forward`,
+        with every non-linear factor detached (see `class_maps`). Written out for timm's `Block`
+        as these heads build it (no layer scale, no q/k norm, no gate)."""
+        def norm(layer: nn.LayerNorm, t: torch.Tensor) -> torch.Tensor:
+            scale = (t.var(-1, unbiased=False, keepdim=True) + layer.eps).rsqrt().detach()
+            return (t - t.mean(-1, keepdim=True)) * scale * layer.weight + layer.bias
+
+        for i, block in enumerate(self.blocks):
+            attn, mlp = block.attn, block.mlp
+            b, n, _ = x.shape
+            q, k, v = attn.qkv(norm(block.norm1, x)).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            if i == len(self.blocks) - 1:  # the classifier reads only the class token
+                q, x = q[:, :, :1], x[:, :1]
+            weights = (q * attn.scale @ k.transpose(-2, -1)).softmax(dim=-1).detach()
+            x = x + attn.proj((weights @ v).transpose(1, 2).reshape(b, x.shape[1], attn.attn_dim))
+            z = mlp.fc1(norm(block.norm2, x))
+            slope = torch.where(z.abs() > 1e-6, mlp.act(z) / z.where(z.abs() > 1e-6, 1.0), 0.5).detach()
+            x = x + mlp.fc2(z * slope)
+        return norm(self.norm, x)[:, 0]
 
     def _tokens(self, fmap: torch.Tensor) -> torch.Tensor:
         tokens = self.proj(fmap).flatten(2).transpose(1, 2)

@@ -308,15 +308,17 @@ def test_the_agreement_sentence_follows_the_answer(model_set, sample_photo):
 
 
 def test_map_menus_come_from_the_explanation_methods(model_set):
-    """The ViT's methods (relevance, rollout, one layer with a head) become a view menu and a
-    head menu whose values name the method and option (maps.js reads them); the CNN gets none."""
+    """The ViT's methods (token contributions, relevance, rollout, one layer with a head) become a
+    view menu and a head menu whose values name the method and option (maps.js reads them); the
+    CNN gets none."""
     from birdfg.app.view import map_menus
     from birdfg.explanations import explanations_of
 
     vit = explanations_of(model_set.models["vit"].model)
     view_menu, head_menu = map_menus(vit)
     labels = dict(view_menu.choices)
-    assert view_menu.choices[0] == ("Relevance for the species", "relevance")
+    assert view_menu.choices[0] == ("Token contributions", "contributions")
+    assert labels["Relevance for the species"] == "relevance"
     assert labels["Rollout (all layers)"] == "rollout" and labels["Layer 1 only"] == "layer:layer=0"
     assert head_menu.choices[0] == ("Mean of heads", "layer:head=null") and dict(head_menu.choices)["Head 2"] == "layer:head=1"
     assert map_menus(explanations_of(model_set.models["cnn"].model)) == []
@@ -324,8 +326,9 @@ def test_map_menus_come_from_the_explanation_methods(model_set):
 
 def test_map_data_has_every_view_and_exact_contrasts(model_set, sample_photo):
     """What the browser draws from: every class for the linear maps (a contrast is their
-    difference), every class and each rival for the ViT's relevance, every option combination
-    of the per-layer view, and the B-CNN's channel pairs for every class."""
+    difference; the ViT's token contributions, which cost a backward pass per class, for its own
+    guess only in the quick first answer), every class and each rival for the ViT's relevance,
+    every option combination of the per-layer view, and the B-CNN's channel pairs for every class."""
     import base64
 
     from birdfg.app.map_data import model_maps, options_key, rivals
@@ -342,14 +345,21 @@ def test_map_data_has_every_view_and_exact_contrasts(model_set, sample_photo):
     cam = grids(cnn["methods"]["cam"]["views"][options_key({})]["all"]).reshape(classes, *cnn["grid"])
     np.testing.assert_allclose(cam[3] - cam[5], engine.explain(comparison, "cnn", 3, rather=5), rtol=1e-5, atol=1e-6)
     vit = model_maps(engine, comparison, "vit")
+    assert vit["default"] == "contributions" and vit["methods"]["contributions"]["linear"]
+    split = grids(vit["methods"]["contributions"]["views"][options_key({})]["all"]).reshape(classes, *vit["grid"])
+    np.testing.assert_allclose(split[3] - split[5], engine.explain(comparison, "vit", 3, rather=5), rtol=1e-5, atol=1e-6)
     relevance = vit["methods"]["relevance"]["views"][options_key({})]["maps"]
     against = rivals(comparison)
     assert {str(c) for c in range(classes)} <= set(relevance) and f"{vit['own']}-{against[-1]}" in relevance
     np.testing.assert_allclose(grids(relevance[f"2-{against[0]}"]).reshape(vit["grid"]),
-                               engine.explain(comparison, "vit", 2, rather=against[0]), rtol=1e-5, atol=1e-7)
+                               engine.explain(comparison, "vit", 2, "relevance", rather=against[0]), rtol=1e-5, atol=1e-7)
     assert len(vit["methods"]["layer"]["views"]) == 2 * 5  # layers x (mean + 4 heads)
-    quick = model_maps(engine, comparison, "vit", every_class=False)["methods"]["relevance"]["views"][options_key({})]
+    first = model_maps(engine, comparison, "vit", every_class=False)
+    assert list(first["methods"]) == ["contributions"] and not first["methods"]["contributions"]["linear"]
+    quick = first["methods"]["contributions"]["views"][options_key({})]
     assert set(quick["maps"]) == {str(vit["own"])}  # the first answer: the model's own guess only
+    np.testing.assert_allclose(grids(quick["maps"][str(vit["own"])]).reshape(vit["grid"]), split[vit["own"]],
+                               rtol=1e-5, atol=1e-6)
     bcnn = model_maps(engine, comparison, "bcnn")
     assert set(bcnn["parts"]) == {str(c) for c in range(classes)} and len(bcnn["parts"]["0"]) == 4
     left, top, right, bottom = bcnn["box"]

@@ -130,13 +130,17 @@ def test_upload_compare_and_ask_about_another_species(page, sample_photo):
     assert any(a != b for a, b in zip(drawn, pixels(page)))
     page.wait_for_timeout(300)
     assert not [u for u in requests[sent:] if "/queue/join" in u]
-    # A species none of the models has in its top two (the menu's last): the page asks the
-    # server for the ViT's contrast and draws it.
+    # A species none of the models has in its top two (the menu's last): the three default maps
+    # are exact splits, so the page subtracts; the ViT's relevance (a gradient map) came with the
+    # contrasts with the rivals only, so for it the page asks the server and draws the answer.
     far, sent = option_labels(page, "#rather")[-1], len(requests)
     choose(page, "#rather", far)
-    page.wait_for_function("([sel, name]) => { const t = document.querySelector(sel).innerText; "
-                           "return t.includes(name) && !t.includes('on its way'); }", arg=["#map-vit .birdmap-caption", far])
+    arrived = ("([sel, name]) => { const t = document.querySelector(sel).innerText; "
+               "return t.includes(name) && !t.includes('on its way'); }")
+    page.wait_for_function(arrived, arg=["#map-vit .birdmap-caption", far])
     assert all(far in caption(page, k) for k in KEYS), [caption(page, k) for k in KEYS]
+    choose(page, "#view-vit", "Relevance for the species")
+    page.wait_for_function(arrived, arg=["#map-vit .birdmap-caption", far])
     assert [u for u in requests[sent:] if "/queue/join" in u]
 
     # Opacity: redrawn in the page too.

@@ -12,8 +12,8 @@ from timm.models.vision_transformer import Block
 
 from birdfg.attention import AttentionRecorder
 from birdfg.explanations import (AttentionRelevance, AttentionRollout, BilinearSplit, ClassActivationMap, Evidence,
-                                 LayerAttention, attention_rollout, class_token_attention, explanations_of,
-                                 gradient_relevance)
+                                 LayerAttention, TokenContributions, attention_rollout, class_token_attention,
+                                 explanations_of, gradient_relevance)
 from birdfg.heads import BilinearHead, BilinearTransformerHead, LinearHead, TransformerHead
 from birdfg.overlay import crop_box, normalise, overlay, peak_location
 
@@ -182,7 +182,7 @@ def test_each_head_offers_its_own_methods():
     offered = {type(head).__name__: [type(m) for m in explanations_of(_Model(head))] for head in
                (LinearHead(8, 3), BilinearHead(8, 3, dim=4), TransformerHead(8, 3, grid=4, dim=16, heads=4))}
     assert offered == {"LinearHead": [ClassActivationMap], "BilinearHead": [BilinearSplit],
-                       "TransformerHead": [AttentionRelevance, AttentionRollout, LayerAttention]}
+                       "TransformerHead": [TokenContributions, AttentionRelevance, AttentionRollout, LayerAttention]}
     layer = LayerAttention(_Model(TransformerHead(8, 3, grid=4, dim=16, depth=2, heads=4)))
     assert [o.name for o in layer.options()] == ["layer", "head"]
     assert [v for _, v in layer.options()[0].choices] == [0, 1] and layer.options()[1].choices[0][1] is None
@@ -268,6 +268,37 @@ def test_relevance_of_a_contrast_is_the_gradient_of_the_logit_difference():
     got = method.grids(Evidence(fmap), [(0, None), (3, 1), (2, 3)])
     np.testing.assert_allclose(got[1], expected, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(method.grid(Evidence(fmap), 3, rather=1), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_token_contributions_sum_to_the_logits_when_nothing_else_adds_to_them():
+    """With every bias, the class token and the positions zeroed, a class's score is made of the
+    patch tokens alone, so their contributions sum to the logit exactly (any depth, batch);
+    held-fixed attention, LayerNorm scales and GELU slopes are what make the split exact."""
+    torch.manual_seed(7)
+    head = TransformerHead(8, 5, grid=4, dim=16, depth=3, heads=4).eval()
+    with torch.no_grad():
+        for name, param in head.named_parameters():
+            if name.endswith("bias") or name in ("cls_token", "pos_embed"):
+                param.zero_()
+        fmap = torch.randn(2, 8, 4, 4)
+        logits = head(fmap)
+        maps = head.class_maps(fmap, torch.arange(5))
+    assert maps.shape == (2, 5, 4, 4)
+    torch.testing.assert_close(maps.sum(dim=(2, 3)), logits, rtol=1e-4, atol=1e-5)
+    method = TokenContributions(_Model(head))
+    np.testing.assert_allclose(method.grid(Evidence(fmap[:1]), 3, rather=1), (maps[0, 3] - maps[0, 1]).numpy(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_token_contributions_find_the_token_a_class_depends_on_and_differ_by_class():
+    at = (2, 1)
+    head, fmap, favoured = _uniform_attention_head(at)
+    method = TokenContributions(_Model(head))
+    evidence = Evidence(fmap)
+    assert argmax2d(method.grid(evidence, favoured)) == at
+    assert argmax2d(-method.grid(evidence, 1 - favoured)) == at  # the token speaks against the other class
+    with torch.inference_mode():  # as the engine calls it
+        assert argmax2d(head.class_maps(fmap, torch.tensor([favoured]))[0, 0]) == at
 
 
 def test_class_logits_are_the_logits_and_record_the_class_tokens_row_last():

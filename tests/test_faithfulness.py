@@ -242,13 +242,14 @@ def test_evaluate_faithfulness_on_real_val_photos(tmp_path, bird_data):
     section = report["faithfulness"]
     assert section["meta"]["photos"] == 3 and section["meta"]["points"] == 5 and "3 of 103" in section["meta"]["subset"]
     assert len(section["fractions"]) == 5 and len(section["per_photo"]) == 3
-    expected = {"cnn": {"cam", "gradcam"}, "vit": {"relevance", "rollout", "layer"}, "bcnn": {"bilinear", "gradcam"}}
+    expected = {"cnn": {"cam", "gradcam"}, "vit": {"contributions", "relevance", "rollout", "layer", "gradcam"},
+                "bcnn": {"bilinear", "gradcam"}}
     for key, names in expected.items():
         model = section["models"][key]
         if fm.gradcam_missing():
             names = names - {"gradcam"}
         assert set(model["methods"]) == names | {"centre", "random"}
-        assert model["default"] == {"cnn": "cam", "vit": "relevance", "bcnn": "bilinear"}[key]
+        assert model["default"] == {"cnn": "cam", "vit": "contributions", "bcnn": "bilinear"}[key]
         assert 0 <= model["centre_point_baseline"] <= 1 and 0 < model["box_share_baseline"] <= 1
         for name, m in model["methods"].items():
             assert 0 <= m["deletion_auc"] <= 1 and 0 <= m["insertion_auc"] <= 1
@@ -256,7 +257,8 @@ def test_evaluate_faithfulness_on_real_val_photos(tmp_path, bird_data):
             assert 0 <= m["pointing_game"] <= 1 and 0 <= m["energy_pointing"] <= 1
             if name != "centre":
                 assert m["wins_vs_centre"]["deletion"]["photos"] == 3
-    assert section["models"]["vit"]["methods"]["relevance"]["peaks_differ_runner_up"] is not None
+    assert all(section["models"]["vit"]["methods"][name]["peaks_differ_runner_up"] is not None
+               for name in ("contributions", "relevance"))
     assert "faithfulness" in result.stdout
     assert {p: p.stat().st_mtime_ns for p in stored} == before  # --no-save: the set's report untouched
 

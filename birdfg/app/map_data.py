@@ -3,7 +3,8 @@ its explanation methods offer, for every class, so that choosing another species
 another opacity or another attention layer redraws in the page without asking the server.
 
 A method whose map is linear in the class score (`linear_in_class`) sends one grid per class;
-the page subtracts two of them for "X rather than Y" (exact). A gradient method sends one grid
+the page subtracts two of them for "X rather than Y" (exact); one that costs a backward pass per
+class (`cost_per_class`) sends its own guess's grid first, like a gradient method. A gradient method sends one grid
 per target it was asked for: every class, and every class rather than each of the `rivals`
 (the models' top two guesses); a visitor's "rather than" another species adds that one.
 Grids travel as base64 float32 (a part's map, drawn on its own scale, as bytes), the crop box
@@ -74,13 +75,16 @@ def _method_data(engine: Engine, comparison: Comparison, key: str, method: Expla
                  every_class: bool) -> dict[str, Any]:
     own = comparison.predicted(key)
     classes = list(range(len(comparison.classes)))
+    # A linear method that pays per class answers the quick first answer like a gradient method
+    # (the model's own guess only); the complete answer sends every class.
+    linear = method.linear_in_class and (every_class or not method.cost_per_class)
     views: dict[str, Any] = {}
     for options in _views(method):
         if not method.class_specific:
             grid = engine.explain_all(comparison, key, [(own, None)], method.name, **options)[0]
             views[options_key(options)] = {"map": encode(grid),
                                            "caption": method.caption("", True, **options)}
-        elif method.linear_in_class:
+        elif linear:
             grids = engine.explain_all(comparison, key, [(c, None) for c in classes], method.name, **options)
             views[options_key(options)] = {"all": encode(grids)}
         else:
@@ -88,7 +92,7 @@ def _method_data(engine: Engine, comparison: Comparison, key: str, method: Expla
             grids = engine.explain_all(comparison, key, targets, method.name, **options)
             views[options_key(options)] = {"maps": {f"{x}" if y is None else f"{x}-{y}": encode(g)
                                                     for (x, y), g in zip(targets, grids)}}
-    data: dict[str, Any] = {"class_specific": method.class_specific, "linear": method.linear_in_class,
+    data: dict[str, Any] = {"class_specific": method.class_specific, "linear": linear,
                             "defaults": method.resolve({}), "views": views}
     if method.class_specific:
         data["captions"] = {"plain": method.caption(SPECIES, False), "own": method.caption(SPECIES, True),
@@ -140,7 +144,7 @@ def needs_more(engine: Engine, comparison: Comparison | None, key: str) -> bool:
     if comparison is None or key not in comparison.answered:
         return False
     methods = engine.methods[key]
-    return len(methods) > 1 or any(m.class_specific and not m.linear_in_class for m in methods)
+    return len(methods) > 1 or any(m.class_specific and (m.cost_per_class or not m.linear_in_class) for m in methods)
 
 
 def rather_index(comparison: Comparison, rather: str | None) -> int | None:
