@@ -6,12 +6,14 @@ class. The app asks a model what it can show (`explanations_of`) and never which
 
 Every method answers for a list of targets, each a class or a contrast "class X rather than
 class Y" (the map of logit_X - logit_Y). A method whose map is linear in the class score
-(`linear_in_class`: CAM, the bilinear split, the ViT's token contributions) gives contrasts exactly as a difference of two
-class maps, so one map per class is all a viewer needs. A gradient method runs the part of the
-model that holds what it differentiates once more with autograd on, then one batched backward
-pass for all its targets: the lite ViT's head from `Evidence.features` (nothing before the head
-runs again); a model whose attention sits in its backbone (the full preset's ViT-B/16) runs
-again from `Evidence.inputs`.
+(`linear_in_class`: CAM, the bilinear split, the ViT's token contributions) gives contrasts
+exactly as a difference of two class maps, so one map per class is all a viewer needs. A
+gradient method runs the part of the model that holds what it differentiates once more with
+autograd on, then one batched backward pass for all its targets: the lite ViT's head from
+`Evidence.features` (nothing before the head runs again); a model whose attention sits in its
+backbone (the full preset's ViT-B/16) runs again from `Evidence.inputs`. The ViT's token
+contributions run its head the same way, their backward pass through it with the attention held
+fixed (`TransformerHead.class_maps`).
 """
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from birdfg.explanations import (AttentionRelevance, AttentionRollout, BilinearSplit, ClassActivationMap, LayerAttention,
-                                 TokenContributions)
+from birdfg.explanations import (AttentionRelevance, AttentionRollout, BilinearSplit, ClassActivationMap,
+                                 LayerAttention, TokenContributions)
 
 
 class LinearHead(nn.Module):
@@ -111,7 +111,8 @@ class TransformerHead(nn.Module):
         with torch.inference_mode(False), torch.enable_grad():
             tokens = self._tokens(fmap.detach().clone().float()).detach().requires_grad_()
             scores = self._linearised_class_token(tokens) @ self.fc.weight[classes].T  # (B, K)
-            onehot = torch.eye(len(classes), dtype=scores.dtype, device=scores.device)[:, None].expand(-1, len(scores), -1)
+            onehot = torch.eye(len(classes), dtype=scores.dtype, device=scores.device)[:, None]
+            onehot = onehot.expand(-1, len(scores), -1)  # (K, B, K): one backward per class, batched
             (grads,) = torch.autograd.grad(scores, tokens, grad_outputs=onehot, is_grads_batched=True)
             shares = (grads * tokens.detach()).sum(-1)[..., 1:]  # (K, B, N): patch tokens only
         return shares.transpose(0, 1).reshape(fmap.shape[0], len(classes), *fmap.shape[-2:]).detach()
@@ -127,7 +128,8 @@ class TransformerHead(nn.Module):
         for i, block in enumerate(self.blocks):
             attn, mlp = block.attn, block.mlp
             b, n, _ = x.shape
-            q, k, v = attn.qkv(norm(block.norm1, x)).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            qkv = attn.qkv(norm(block.norm1, x)).reshape(b, n, 3, attn.num_heads, attn.head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             if i == len(self.blocks) - 1:  # the classifier reads only the class token
                 q, x = q[:, :, :1], x[:, :1]
             weights = (q * attn.scale @ k.transpose(-2, -1)).softmax(dim=-1).detach()

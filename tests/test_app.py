@@ -347,12 +347,14 @@ def test_map_data_has_every_view_and_exact_contrasts(model_set, sample_photo):
     vit = model_maps(engine, comparison, "vit")
     assert vit["default"] == "contributions" and vit["methods"]["contributions"]["linear"]
     split = grids(vit["methods"]["contributions"]["views"][options_key({})]["all"]).reshape(classes, *vit["grid"])
-    np.testing.assert_allclose(split[3] - split[5], engine.explain(comparison, "vit", 3, rather=5), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(split[3] - split[5], engine.explain(comparison, "vit", 3, rather=5),
+                               rtol=1e-5, atol=1e-6)
     relevance = vit["methods"]["relevance"]["views"][options_key({})]["maps"]
     against = rivals(comparison)
     assert {str(c) for c in range(classes)} <= set(relevance) and f"{vit['own']}-{against[-1]}" in relevance
     np.testing.assert_allclose(grids(relevance[f"2-{against[0]}"]).reshape(vit["grid"]),
-                               engine.explain(comparison, "vit", 2, "relevance", rather=against[0]), rtol=1e-5, atol=1e-7)
+                               engine.explain(comparison, "vit", 2, "relevance", rather=against[0]),
+                               rtol=1e-5, atol=1e-7)
     assert len(vit["methods"]["layer"]["views"]) == 2 * 5  # layers x (mean + 4 heads)
     first = model_maps(engine, comparison, "vit", every_class=False)
     assert list(first["methods"]) == ["contributions"] and not first["methods"]["contributions"]["linear"]

@@ -4,9 +4,10 @@ another opacity or another attention layer redraws in the page without asking th
 
 A method whose map is linear in the class score (`linear_in_class`) sends one grid per class;
 the page subtracts two of them for "X rather than Y" (exact); one that costs a backward pass per
-class (`cost_per_class`) sends its own guess's grid first, like a gradient method. A gradient method sends one grid
-per target it was asked for: every class, and every class rather than each of the `rivals`
-(the models' top two guesses); a visitor's "rather than" another species adds that one.
+class (`cost_per_class`) sends only its own guess's grid in the quick first answer, as a gradient
+method does. A gradient method sends one grid per target it was asked for: every class, and every
+class rather than each of the `rivals` (the models' top two guesses); a visitor's "rather than"
+another species adds that one.
 Grids travel as base64 float32 (a part's map, drawn on its own scale, as bytes), the crop box
 as fractions of the photo.
 """
