@@ -30,6 +30,11 @@ For the true class of each photo (val_images, or the `test` photos of `--split-f
   (p = 0.5), upsampled bilinearly with a random shift, each showing the photo with grey elsewhere;
   the map is the masks' mean weighted by the class's probability. N passes of the whole model per
   photo (about 15 s for N = 1000 on 2 cores), so off by default;
+- `contributions_from_grey`, `contributions_from_blur`: the token contributions measured from a
+  reference photo's tokens instead of from zero (gradient x (tokens - reference tokens) of the same
+  linearised pass; DeepLIFT's and integrated gradients' reference): the deletion test's grey photo,
+  or its insertion start (the blurred photo); `contributions_positive`: the contributions' positive
+  part; `contributions_smoothed`, `contributions_from_grey_smoothed`: blurred by one token;
 - `relevance_smoothed`, `rollout_smoothed`: the app's maps blurred by a Gaussian of one token
   (sigma 1 cell) -- a diagnosis of where they lose, not a candidate: it says whether the order of
   the maps' weak tail (cells far from the peak) is what the centre prior beats;
@@ -151,12 +156,26 @@ def attention_score_cam(engine, x: torch.Tensor, label: int, attentions: list[to
     return np.maximum(weighted_masks(engine, x, label, masks), 0)
 
 
+def contributions_from(head, fmap: torch.Tensor, reference: torch.Tensor, label: int) -> np.ndarray:
+    """The token contributions (`TransformerHead.class_maps`) measured from a reference photo's
+    tokens instead of from zero: gradient x (tokens - reference tokens) of the same linearised
+    pass, which splits the linearised score's difference between the photo and the reference
+    exactly (the reference of DeepLIFT / integrated gradients)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        tokens = head._tokens(fmap.detach().clone().float()).detach().requires_grad_()
+        score = head._linearised_class_token(tokens) @ head.fc.weight[label]
+        (grads,) = torch.autograd.grad(score.sum(), tokens)
+        base = head._tokens(reference.detach().clone().float()).detach()
+        shares = (grads * (tokens.detach() - base)).sum(-1)[0, 1:]
+    return shares.reshape(fmap.shape[-2:]).numpy()
+
+
 def smoothed(grid: np.ndarray, sigma: float = 1.0) -> np.ndarray:
     t = torch.as_tensor(grid, dtype=torch.float32)[None, None]
     return gaussian_blur(t, [5, 5], [sigma, sigma])[0, 0].numpy()
 
 
-def measure(engine, items: list, steps: int, rise: int = 0) -> tuple[list[dict], float]:
+def measure(engine, items: list, steps: int, rise: int = 0, only: set[str] | None = None) -> tuple[list[dict], float]:
     from birdfg import faithfulness as fm
     from birdfg.evaluate import photo_seed
 
@@ -175,13 +194,26 @@ def measure(engine, items: list, steps: int, rise: int = 0) -> tuple[list[dict],
         unit = lambda m: m / m.max() if m.max() > 0 else m  # noqa: E731
         maps["relevance_x_grad_cam"] = unit(maps["relevance"]) * unit(maps["grad_cam"])
         x = evidence.inputs[0]
-        maps["attention_score_cam"] = attention_score_cam(engine, x, item.label, evidence.attentions, maps["rollout"])
+        if not only or "attention_score_cam" in only:
+            maps["attention_score_cam"] = attention_score_cam(engine, x, item.label, evidence.attentions,
+                                                            maps["rollout"])
         if rise:
             if masks is None or masks.shape[-1] != x.shape[-1]:
                 masks = rise_masks(rise, x.shape[-1])  # the same masks for every photo
             maps["rise"] = weighted_masks(engine, x, item.label, masks) / (rise * 0.5)
+        model = engine.models["vit"].model
+        with torch.inference_mode():
+            grey = model.features(torch.zeros_like(x)[None])  # deletion's replacement: 0 after normalisation
+            soft = model.features(fm.blurred(x)[None])  # insertion's start
+        maps["contributions_from_grey"] = contributions_from(head, evidence.features, grey, item.label)
+        maps["contributions_from_blur"] = contributions_from(head, evidence.features, soft, item.label)
+        maps["contributions_positive"] = np.maximum(maps["contributions"], 0)
+        maps["contributions_smoothed"] = smoothed(maps["contributions"])
+        maps["contributions_from_grey_smoothed"] = smoothed(maps["contributions_from_grey"])
         maps["centre"] = fm.centre_prior(tuple(x.shape[-2:]))
         maps["random"] = fm.random_map(maps["relevance"].shape, photo_seed(item))
+        if only:
+            maps = {k: v for k, v in maps.items() if k in only or k in ("centre", "random")}
         plan = fm.plan(x, maps, steps, fm.MODES, seed=photo_seed(item), include_unperturbed=False)
         found = plan.curves(engine.probabilities("vit", plan.inputs)["vit"], comparison.probs("vit"))
         rows.append({"path": item.path.name, **{
@@ -211,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--rise", type=int, default=0, metavar="N",
                    help="also RISE with N random masks (N passes of the model per photo; default: off)")
+    p.add_argument("--maps", default=None,
+                   help="comma-separated names: measure only these maps (and the centre and random baselines)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -230,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     # With a split file, birdfg.data's "val" is its cub_split test photos (as in birdfg.evaluate).
     split = "cub_split test" if args.split_file else "val"
     items = evenly_spaced(samples(args.data, "val", engine.classes, args.split_file), args.limit)
-    rows, seconds = measure(engine, items, args.steps, args.rise)
+    only = set(args.maps.split(",")) if args.maps else None
+    rows, seconds = measure(engine, items, args.steps, args.rise, only)
     summary = summarise(rows)
     print(f"\n{len(rows)} photos ({split}), {args.steps} steps, {seconds:.0f} s")
     print(f"{'map':24s} {'deletion':>9s} {'insertion':>9s}  beats centre (del / ins)")
