@@ -31,9 +31,8 @@ For the true class of each photo (val_images, or the `test` photos of `--split-f
   the map is the masks' mean weighted by the class's probability. N passes of the whole model per
   photo (about 15 s for N = 1000 on 2 cores), so off by default;
 - `contributions_from_grey`, `contributions_from_blur`: the token contributions measured from a
-  reference photo's tokens instead of from zero (gradient x (tokens - reference tokens) of the same
-  linearised pass; DeepLIFT's and integrated gradients' reference): the deletion test's grey photo,
-  or its insertion start (the blurred photo); `contributions_positive`: the contributions' positive
+  reference photo's tokens instead of from zero (`class_maps(..., reference)`): the deletion
+  test's grey photo, or its insertion start (the blurred photo); `contributions_positive`: the contributions' positive
   part; `contributions_smoothed`, `contributions_from_grey_smoothed`: blurred by one token;
 - `relevance_smoothed`, `rollout_smoothed`: the app's maps blurred by a Gaussian of one token
   (sigma 1 cell) -- a diagnosis of where they lose, not a candidate: it says whether the order of
@@ -156,20 +155,6 @@ def attention_score_cam(engine, x: torch.Tensor, label: int, attentions: list[to
     return np.maximum(weighted_masks(engine, x, label, masks), 0)
 
 
-def contributions_from(head, fmap: torch.Tensor, reference: torch.Tensor, label: int) -> np.ndarray:
-    """The token contributions (`TransformerHead.class_maps`) measured from a reference photo's
-    tokens instead of from zero: gradient x (tokens - reference tokens) of the same linearised
-    pass, which splits the linearised score's difference between the photo and the reference
-    exactly (the reference of DeepLIFT / integrated gradients)."""
-    with torch.inference_mode(False), torch.enable_grad():
-        tokens = head._tokens(fmap.detach().clone().float()).detach().requires_grad_()
-        score = head._linearised_class_token(tokens) @ head.fc.weight[label]
-        (grads,) = torch.autograd.grad(score.sum(), tokens)
-        base = head._tokens(reference.detach().clone().float()).detach()
-        shares = (grads * (tokens.detach() - base)).sum(-1)[0, 1:]
-    return shares.reshape(fmap.shape[-2:]).numpy()
-
-
 def smoothed(grid: np.ndarray, sigma: float = 1.0) -> np.ndarray:
     t = torch.as_tensor(grid, dtype=torch.float32)[None, None]
     return gaussian_blur(t, [5, 5], [sigma, sigma])[0, 0].numpy()
@@ -205,8 +190,9 @@ def measure(engine, items: list, steps: int, rise: int = 0, only: set[str] | Non
         with torch.inference_mode():
             grey = model.features(torch.zeros_like(x)[None])  # deletion's replacement: 0 after normalisation
             soft = model.features(fm.blurred(x)[None])  # insertion's start
-        maps["contributions_from_grey"] = contributions_from(head, evidence.features, grey, item.label)
-        maps["contributions_from_blur"] = contributions_from(head, evidence.features, soft, item.label)
+        label = torch.tensor([item.label])
+        maps["contributions_from_grey"] = head.class_maps(evidence.features, label, grey)[0, 0].numpy()
+        maps["contributions_from_blur"] = head.class_maps(evidence.features, label, soft)[0, 0].numpy()
         maps["contributions_positive"] = np.maximum(maps["contributions"], 0)
         maps["contributions_smoothed"] = smoothed(maps["contributions"])
         maps["contributions_from_grey_smoothed"] = smoothed(maps["contributions_from_grey"])

@@ -99,13 +99,17 @@ class TransformerHead(nn.Module):
             x = block(x)
         return self.fc(self.drop(self.norm(class_token_block(self.blocks[-1], x))[:, 0]))
 
-    def class_maps(self, fmap: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    def class_maps(self, fmap: torch.Tensor, classes: torch.Tensor,
+                   reference: torch.Tensor | None = None) -> torch.Tensor:
         """Each class score split exactly over the patch tokens as they enter the transformer,
         (B, K, H, W), in the manner of DecompX (Modarressi et al., ACL 2023): with this pass's
         attention weights, LayerNorm scales and GELU slopes (GELU(z) / z) held fixed, the class
         token's output is linear in the tokens plus the biases, so gradient x input of that
         linearised pass splits it exactly; the class token's own share and the biases' make up
-        the rest of the score. One batched backward pass for every class asked about."""
+        the rest of the score. One batched backward pass for every class asked about.
+        `reference`: another feature map (e.g. of a grey photo) whose tokens the split is measured
+        from instead of from zero, gradient x (tokens - reference tokens), DeepLIFT's reference:
+        it then splits the difference of the linearised scores of the two."""
         classes = torch.as_tensor(classes).tolist()
         # Autograd inside a caller's inference mode: the clone is an ordinary tensor.
         with torch.inference_mode(False), torch.enable_grad():
@@ -114,7 +118,10 @@ class TransformerHead(nn.Module):
             onehot = torch.eye(len(classes), dtype=scores.dtype, device=scores.device)[:, None]
             onehot = onehot.expand(-1, len(scores), -1)  # (K, B, K): one backward per class, batched
             (grads,) = torch.autograd.grad(scores, tokens, grad_outputs=onehot, is_grads_batched=True)
-            shares = (grads * tokens.detach()).sum(-1)[..., 1:]  # (K, B, N): patch tokens only
+            inputs = tokens.detach()
+            if reference is not None:
+                inputs = inputs - self._tokens(reference.detach().clone().float()).detach()
+            shares = (grads * inputs).sum(-1)[..., 1:]  # (K, B, N): patch tokens only
         return shares.transpose(0, 1).reshape(fmap.shape[0], len(classes), *fmap.shape[-2:]).detach()
 
     def _linearised_class_token(self, x: torch.Tensor) -> torch.Tensor:

@@ -290,6 +290,29 @@ def test_token_contributions_sum_to_the_logits_when_nothing_else_adds_to_them():
                                rtol=1e-5, atol=1e-6)
 
 
+def test_token_contributions_from_a_reference_split_what_differs_from_it():
+    """Measured from a reference feature map, only the locations where the photo differs from it
+    get a share; from the photo itself nothing; from a zero map (biases, class token and positions
+    zeroed, so its tokens are zero) the same as from zero."""
+    torch.manual_seed(3)
+    head = TransformerHead(8, 5, grid=4, dim=16, depth=2, heads=4).eval()
+    fmap = torch.randn(1, 8, 4, 4)
+    reference = fmap.clone()
+    reference[..., 2, 1] = 0.0
+    classes = torch.arange(5)
+    with torch.no_grad():
+        apart = head.class_maps(fmap, classes, reference)
+        torch.testing.assert_close(head.class_maps(fmap, classes, fmap), torch.zeros(1, 5, 4, 4))
+    assert apart[0, :, 2, 1].abs().min() > 0
+    apart[0, :, 2, 1] = 0
+    torch.testing.assert_close(apart, torch.zeros(1, 5, 4, 4))
+    with torch.no_grad():
+        for name, param in head.named_parameters():
+            if name.endswith("bias") or name in ("cls_token", "pos_embed"):
+                param.zero_()
+        torch.testing.assert_close(head.class_maps(fmap, classes, torch.zeros_like(fmap)), head.class_maps(fmap, classes))
+
+
 def test_token_contributions_find_the_token_a_class_depends_on_and_differ_by_class():
     at = (2, 1)
     head, fmap, favoured = _uniform_attention_head(at)
