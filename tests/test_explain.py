@@ -310,7 +310,8 @@ def test_token_contributions_from_a_reference_split_what_differs_from_it():
         for name, param in head.named_parameters():
             if name.endswith("bias") or name in ("cls_token", "pos_embed"):
                 param.zero_()
-        torch.testing.assert_close(head.class_maps(fmap, classes, torch.zeros_like(fmap)), head.class_maps(fmap, classes))
+        from_zero = head.class_maps(fmap, classes, torch.zeros_like(fmap))
+        torch.testing.assert_close(from_zero, head.class_maps(fmap, classes))
 
 
 def test_token_contributions_find_the_token_a_class_depends_on_and_differ_by_class():
