@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-from", default=None, metavar="STAGE",
                    help="frozen-trunk presets: the first backbone stage each model fine-tunes its own copy of "
                         "(default: the preset's, blocks.6 for lite; e.g. blocks.5; README, accuracy levers)")
+    p.add_argument("--output-stride", type=int, choices=(8, 16, 32), default=None, metavar="{8,16,32}",
+                   help="feature-map trunks: the map's stride (default 32); 16 dilates the last stride-2 stage "
+                        "instead, a grid twice as fine (README, \"Are the maps faithful?\")")
     p.add_argument("--seed", type=int, default=DEFAULT.seed)
     p.add_argument("--output", type=Path, default=DEFAULT.output)
     p.add_argument("--split-file", type=Path, default=None,
@@ -89,7 +92,8 @@ def to_config(args: argparse.Namespace) -> TrainConfig:
     """The parsed flags as the package's TrainConfig (the only place that knows the flag names)."""
     return TrainConfig(
         data=args.data, preset=args.preset, models=tuple(args.models), img_size=args.img_size, backbone=args.backbone,
-        train_from=args.train_from, pretrained=not args.no_pretrained, split_file=args.split_file, views=args.views,
+        train_from=args.train_from, output_stride=args.output_stride,
+        pretrained=not args.no_pretrained, split_file=args.split_file, views=args.views,
         boxes=args.boxes, use_boxes=not args.no_boxes, pseudo_labels=args.pseudo_labels,
         pseudo_threshold=args.pseudo_threshold, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         backbone_lr_scale=args.backbone_lr_scale, weight_decay=args.weight_decay,

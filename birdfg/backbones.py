@@ -90,12 +90,18 @@ def backbone_cfg(name: str) -> BackboneCfg:
     return BackboneCfg(name, features=features)
 
 
-def create_backbone(name: str, pretrained: bool = True, img_size: int | None = None) -> nn.Module:
-    """A timm model without classifier whose `forward_features` gives the feature map (or tokens)."""
+def create_backbone(name: str, pretrained: bool = True, img_size: int | None = None,
+                    output_stride: int | None = None) -> nn.Module:
+    """A timm model without classifier whose `forward_features` gives the feature map (or tokens);
+    `output_stride` (a feature map's, e.g. 16) dilates its last stages instead of downsampling."""
     cfg = backbone_cfg(name)
     kwargs = {}
     if cfg.features == "tokens" and img_size is not None:
         kwargs["img_size"] = img_size
+    if output_stride is not None:
+        if cfg.features != "map":
+            raise ValueError(f"output_stride {output_stride}: {name} gives tokens, not a feature map.")
+        kwargs["output_stride"] = output_stride
     use_hub = pretrained and cfg.local_weights is None
     arch = f"{cfg.timm_name}.{cfg.hub_tag}" if (use_hub and cfg.hub_tag) else cfg.timm_name
     model = timm.create_model(arch, pretrained=use_hub, **kwargs)

@@ -34,6 +34,9 @@ class ModelSpec:
     frozen_backbone: bool = False
     # With a frozen backbone: the stage from which on each model trains its own copy (None: none).
     train_from: str | None = None
+    # A feature-map backbone's stride (timm's `output_stride`): 16 dilates the last stride-2
+    # stage instead of downsampling, a grid twice as fine on the same ImageNet weights.
+    output_stride: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -90,7 +93,7 @@ class BirdModel(nn.Module):
 def build_head(spec: ModelSpec, in_features: int) -> nn.Module:
     kwargs = dict(spec.head_kwargs)
     if spec.head in ("transformer", "bilinear_transformer"):
-        kwargs.setdefault("grid", grid_size(spec.img_size))
+        kwargs.setdefault("grid", grid_size(spec.img_size, spec.output_stride or 32))
     return HEADS[spec.head](in_features, spec.num_classes, **kwargs)
 
 
@@ -106,19 +109,20 @@ def build(spec: ModelSpec, pretrained: bool = True, backbone: nn.Module | None =
         raise ValueError("train_from needs frozen_backbone=True (it says which stages stay trainable).")
     top = None
     if backbone is None:
-        backbone = create_backbone(spec.backbone, pretrained, spec.img_size)
+        backbone = create_backbone(spec.backbone, pretrained, spec.img_size, spec.output_stride)
         if spec.train_from:
             backbone, top = split(backbone, spec.backbone, spec.train_from)
     elif spec.train_from:
         # A shared trunk is given: this model still needs its own top, with pretrained weights.
-        _, top = split(create_backbone(spec.backbone, pretrained, spec.img_size), spec.backbone, spec.train_from)
+        _, top = split(create_backbone(spec.backbone, pretrained, spec.img_size, spec.output_stride), spec.backbone,
+                       spec.train_from)
     in_features = feature_dim(top) if top is not None else feature_dim(backbone)
     return BirdModel(spec, backbone, build_head(spec, in_features), top)
 
 
 def shared_backbone_key(spec: ModelSpec) -> str:
     """Models whose specs give the same key can share one frozen backbone object."""
-    return f"{spec.backbone}|{spec.train_from or ''}"
+    return f"{spec.backbone}|{spec.train_from or ''}|{spec.output_stride or ''}"
 
 
 def preprocess_config(spec: ModelSpec) -> dict:
@@ -169,12 +173,12 @@ def default_epochs(preset: str, key: str) -> int:
 
 def preset_specs(
     preset: str, num_classes: int, keys: tuple[str, ...] = MODEL_KEYS, img_size: int | None = None,
-    backbone: str | None = None, train_from: str | None = None,
+    backbone: str | None = None, train_from: str | None = None, output_stride: int | None = None,
 ) -> dict[str, ModelSpec]:
     """The preset's specs for `keys`; `img_size`, `backbone` (every model's trunk, e.g.
-    tf_efficientnet_lite1) and `train_from` (a frozen-trunk model's first own stage, e.g.
-    blocks.5) replace the preset's, and a display name that names the preset's trunk
-    names the new one."""
+    tf_efficientnet_lite1), `train_from` (a frozen-trunk model's first own stage, e.g.
+    blocks.5) and `output_stride` (a feature-map trunk's, e.g. 16) replace the preset's, and
+    a display name that names the preset's trunk names the new one."""
     if preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
     unknown = set(keys) - set(PRESETS[preset])
@@ -197,6 +201,12 @@ def preset_specs(
             if train_from not in (stages := backbone_cfg(row["backbone"]).stages):
                 raise ValueError(f"train_from {train_from!r}: {row['backbone']} has the stages {', '.join(stages)}.")
             row["train_from"] = train_from
+        if output_stride:
+            if backbone_cfg(row["backbone"]).features != "map":
+                raise ValueError(f"output_stride {output_stride}: the {preset} preset's {key} has a token backbone "
+                                 f"({row['backbone']}), no feature map to make finer.")
+            row["output_stride"] = output_stride
+            row["display_name"] = f"{row['display_name']} at stride {output_stride}"
         specs[key] = ModelSpec(key=key, num_classes=num_classes, **row)
     return specs
 

@@ -21,6 +21,7 @@ class TrainConfig:
     img_size: int | None = None  # None: the preset's input size
     backbone: str | None = None  # None: the preset's trunk (e.g. tf_efficientnet_lite1 instead of lite0)
     train_from: str | None = None  # None: the preset's first fine-tuned stage (e.g. blocks.5 instead of blocks.6)
+    output_stride: int | None = None  # None: the trunk's own (32); 16 gives a grid twice as fine
     pretrained: bool = True  # False: random backbone weights, nothing is downloaded
     split_file: Path | None = None  # CSV whose cub_split column defines train/val
     views: int = 8  # frozen backbones: cached augmented views of each train photo

@@ -40,7 +40,8 @@ def train_set(cfg: TrainConfig, command: str) -> int:
         return 2
     split_name = f"{cfg.split_file.name}:cub_split" if cfg.split_file else "train_images/val_images"
     try:
-        specs = preset_specs(cfg.preset, len(classes), tuple(cfg.models), cfg.img_size, cfg.backbone, cfg.train_from)
+        specs = preset_specs(cfg.preset, len(classes), tuple(cfg.models), cfg.img_size, cfg.backbone, cfg.train_from,
+                             cfg.output_stride)
     except ValueError as exc:  # a --backbone or --train-from the preset cannot take
         print(f"error: {exc}", file=sys.stderr)
         return 2

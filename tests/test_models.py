@@ -98,6 +98,25 @@ def test_an_earlier_split_gives_each_model_its_own_copy_of_more_stages():
         preset_specs("full", 5, ("cnn",), train_from="blocks.5")
 
 
+def test_output_stride_16_gives_a_grid_twice_as_fine_on_the_same_weights():
+    plain = build(preset_specs("lite", 5, ("vit",), img_size=96)["vit"], pretrained=False).eval()
+    spec = preset_specs("lite", 5, ("vit",), img_size=96, output_stride=16)["vit"]
+    assert spec.output_stride == 16 and spec.display_name.endswith("at stride 16")
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+    fine = build(spec, pretrained=False).eval()
+    # Dilation, not new layers: the trunk's and top's parameters load into both.
+    fine.backbone.load_state_dict(plain.backbone.state_dict())
+    fine.top.load_state_dict(plain.top.state_dict())
+    x = torch.randn(1, 3, 96, 96)
+    with torch.inference_mode():
+        assert plain.features(x).shape[-2:] == (3, 3)
+        assert fine.features(x).shape[-2:] == (6, 6)
+        assert fine(x).shape == (1, 5)
+    assert fine.head.pos_embed.shape[1] == 1 + 6 * 6
+    with pytest.raises(ValueError, match="token backbone"):
+        preset_specs("full", 5, ("vit",), output_stride=16)
+
+
 def test_lite0_pip_weights_reproduce_imagenet_predictions():
     """skimage's coffee photo is an espresso (ImageNet class 967) for the mapped weights."""
     skimage_data = pytest.importorskip("skimage.data", reason="scikit-image ships the coffee photo")

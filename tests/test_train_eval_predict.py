@@ -146,7 +146,7 @@ def test_every_flag_reaches_the_config():
         "--data", "d", "--preset", "lite", "--models", "vit", "--epochs", "3", "--batch-size", "5", "--lr", "0.1",
         "--backbone-lr-scale", "0.5", "--weight-decay", "0.2", "--label-smoothing", "0.0", "--mixup", "0.4",
         "--img-size", "96", "--backbone", "tf_efficientnet_lite1",
-        "--train-from", "blocks.5", "--seed", "7", "--output", "o",
+        "--train-from", "blocks.5", "--output-stride", "16", "--seed", "7", "--output", "o",
         "--split-file", "s.csv", "--views", "2", "--boxes", "b.csv", "--no-boxes", "--pseudo-labels", "t",
         "--pseudo-threshold", "0.9", "--no-pretrained", "--resume",
         "--force", "--accelerator", "cpu", "--devices", "2", "--num-nodes", "2", "--strategy", "ddp",
