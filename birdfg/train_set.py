@@ -142,9 +142,10 @@ def _export_if_better(model: BirdModel, path: Path, classes: list[str], preproce
 
 
 def _table(rows: list[tuple[str, str, TrainResult, str]], seconds: float) -> str:
-    lines = ["", "Table I - accuracy", f"{'model':<28} {'train acc':>9} {'val acc':>8}  {'epoch':>5}  checkpoint",
-             "-" * 72]
+    width = max([28, *(len(name) for _, name, _, _ in rows)])  # a long display name keeps the columns
+    lines = ["", "Table I - accuracy", f"{'model':<{width}} {'train acc':>9} {'val acc':>8}  {'epoch':>5}  checkpoint",
+             "-" * (width + 44)]
     for _key, name, r, status in rows:
-        lines.append(f"{name:<28} {r.train_acc:>9.3f} {r.val_acc:>8.3f}  {r.best_epoch:>5}  {status}")
+        lines.append(f"{name:<{width}} {r.train_acc:>9.3f} {r.val_acc:>8.3f}  {r.best_epoch:>5}  {status}")
     lines.append(f"total time {seconds / 60:.1f} min")
     return "\n".join(lines)

@@ -65,18 +65,20 @@ def bird_data() -> Path:
     return SHARED_DATA
 
 
-def export_lite_set(folder: Path, classes: list[str], seed: int = 0, img_sizes: dict[str, int] | None = None) -> Path:
+def export_lite_set(folder: Path, classes: list[str], seed: int = 0, img_sizes: dict[str, int] | None = None,
+                    output_strides: dict[str, int] | None = None) -> Path:
     """A real lite model set on disk: pretrained Lite0 backbone (pip package), untrained heads;
-    each model at 224 px unless `img_sizes` says otherwise."""
+    each model at 224 px and stride 32 unless `img_sizes` / `output_strides` say otherwise."""
     from birdfg import checkpoints
-    from birdfg.models import MODEL_KEYS, build, preprocess_config, preset_specs
+    from birdfg.models import MODEL_KEYS, build, preprocess_config, preset_specs, shared_backbone_key
 
     torch.manual_seed(seed)
-    shared = None
+    shared: dict[str, torch.nn.Module] = {}
     for key in MODEL_KEYS:
-        spec = preset_specs("lite", len(classes), (key,), (img_sizes or {}).get(key, 224))[key]
-        model = build(spec, pretrained=True, backbone=shared)
-        shared = model.backbone
+        spec = preset_specs("lite", len(classes), (key,), (img_sizes or {}).get(key, 224),
+                            output_stride=(output_strides or {}).get(key))[key]
+        model = build(spec, pretrained=True, backbone=shared.get(shared_backbone_key(spec)))
+        shared[shared_backbone_key(spec)] = model.backbone
         checkpoints.export(model.eval(), folder / f"{key}.safetensors", classes,
                            preprocess_config(spec), {"train_acc": 0.0, "val_acc": 0.0},
                            {"epochs": 0, "command": "tests/conftest.py export_lite_set"})

@@ -78,6 +78,21 @@ def test_onnx_answers_and_maps_equal_torch_eager(lite_set, photos):
         assert pairs == [caption for caption, _ in plain.parts_of(b, "bcnn")] and len(pairs) == 4
 
 
+def test_a_model_at_a_finer_stride_runs_its_own_trunk_and_gives_finer_maps(tmp_path, photos):
+    folder = export_lite_set(tmp_path, TINY_CLASSES, img_sizes={"cnn": 128, "vit": 128, "bcnn": 128},
+                             output_strides={"vit": 16})
+    fast = Engine(load_set(folder), runtime="onnx", warm_up=False)
+    plain = Engine(load_set(folder), runtime="torch", warm_up=False)
+    assert sorted(g.keys for g in fast.groups) == [["cnn", "bcnn"], ["vit"]]
+    assert set(fast.runtimes.values()) == {"onnx"}
+    a, b = fast.compare(photos[0]), plain.compare(photos[0])
+    for key, grid in (("cnn", (4, 4)), ("vit", (8, 8)), ("bcnn", (4, 4))):
+        np.testing.assert_allclose(a.results[key].probs, b.results[key].probs, atol=1e-5)
+        heat, reference = fast.explain(a, key), plain.explain(b, key)  # each model's default map
+        assert heat.shape == reference.shape == grid, key
+        assert np.abs(normalise(heat) - normalise(reference)).max() < 1e-4, key
+
+
 def test_exported_graphs_pad_by_constants(lite_set):
     """The trunk's TF-style padding is exported as numbers of the graph's input size, not as
     arithmetic on the tensor's shape, so ONNX Runtime can merge it into the convolutions."""
