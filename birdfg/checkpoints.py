@@ -231,7 +231,8 @@ def load(path: Path, shared_backbones: dict[str, nn.Module] | None = None) -> Lo
         cache = shared_backbones if shared_backbones is not None else {}
         shared_key = shared_backbone_key(spec)
         if shared_key not in cache:
-            full = create_backbone(spec.backbone, pretrained=True, img_size=spec.img_size, output_stride=spec.output_stride)
+            full = create_backbone(spec.backbone, pretrained=True, img_size=spec.img_size,
+                                   output_stride=spec.output_stride)
             cache[shared_key] = (split(full, spec.backbone, spec.train_from)[0] if spec.train_from else full).eval()
         backbone = cache[shared_key]
     model = build(spec, pretrained=False, backbone=backbone)

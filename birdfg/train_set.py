@@ -42,7 +42,7 @@ def train_set(cfg: TrainConfig, command: str) -> int:
     try:
         specs = preset_specs(cfg.preset, len(classes), tuple(cfg.models), cfg.img_size, cfg.backbone, cfg.train_from,
                              cfg.output_stride)
-    except ValueError as exc:  # a --backbone or --train-from the preset cannot take
+    except ValueError as exc:  # a --backbone, --train-from or --output-stride the preset cannot take
         print(f"error: {exc}", file=sys.stderr)
         return 2
     pseudo = None

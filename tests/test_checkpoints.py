@@ -100,7 +100,6 @@ def test_model_card_lists_metrics_classes_and_command(untrained_lite_set):
     assert "Red square bird" in card and "`python train.py --preset lite`" in card
 
 
-
 def test_a_finer_stride_survives_the_round_trip_with_its_own_trunk(tmp_path):
     """A set whose ViT runs at stride 16 beside stride-32 models: it loads its own trunk."""
     folder = export_lite_set(tmp_path, CLASSES, img_sizes=dict.fromkeys(MODEL_KEYS, 96), output_strides={"vit": 16})
