@@ -34,6 +34,10 @@ For the true class of each photo (val_images, or the `test` photos of `--split-f
   reference photo's tokens instead of from zero (`class_maps(..., reference)`): the deletion
   test's grey photo, or its insertion start (the blurred photo); `contributions_positive`: the contributions' positive
   part; `contributions_smoothed`, `contributions_from_grey_smoothed`: blurred by one token;
+- `contributions_of_probability`: the class's log-probability split over the tokens, the class's
+  contributions minus every class's weighted by its probability (the gradient of log softmax):
+  the deletion test records a probability, which moves only with the class's logit against the
+  others', so this map leaves out evidence that raises every bird's logit alike;
 - `relevance_smoothed`, `rollout_smoothed`: the app's maps blurred by a Gaussian of one token
   (sigma 1 cell) -- a diagnosis of where they lose, not a candidate: it says whether the order of
   the maps' weak tail (cells far from the peak) is what the centre prior beats;
@@ -194,6 +198,12 @@ def measure(engine, items: list, steps: int, rise: int = 0, only: set[str] | Non
         maps["contributions_from_grey"] = head.class_maps(evidence.features, label, grey)[0, 0].numpy()
         maps["contributions_from_blur"] = head.class_maps(evidence.features, label, soft)[0, 0].numpy()
         maps["contributions_positive"] = np.maximum(maps["contributions"], 0)
+        # The class's log-probability split over the tokens: its logit's contributions minus every
+        # class's, weighted by the class's probability (the gradient of log softmax), i.e. the
+        # class rather than the mix of classes the model weighed against it.
+        every = engine.explain_all(comparison, "vit", [(c, None) for c in range(len(engine.classes))], "contributions")
+        probs = comparison.probs("vit")
+        maps["contributions_of_probability"] = every[item.label] - np.tensordot(probs, every, axes=1)
         maps["contributions_smoothed"] = smoothed(maps["contributions"])
         maps["contributions_from_grey_smoothed"] = smoothed(maps["contributions_from_grey"])
         maps["centre"] = fm.centre_prior(tuple(x.shape[-2:]))
