@@ -38,6 +38,10 @@ For the true class of each photo (val_images, or the `test` photos of `--split-f
   contributions minus every class's weighted by its probability (the gradient of log softmax):
   the deletion test records a probability, which moves only with the class's logit against the
   others', so this map leaves out evidence that raises every bird's logit alike;
+- `contributions_stride16`, `contributions_stride8`: the token contributions carried further down,
+  through the convolutional stages before the tokens (ReLU6's slopes held fixed too), to the
+  trunk's 20 x 20 (`blocks.4`) or 40 x 40 (`blocks.2`) map of the same model, gradient x input
+  there; `..._from_grey`: measured from the grey photo's map;
 - `relevance_smoothed`, `rollout_smoothed`: the app's maps blurred by a Gaussian of one token
   (sigma 1 cell) -- a diagnosis of where they lose, not a candidate: it says whether the order of
   the maps' weak tail (cells far from the peak) is what the centre prior beats;
@@ -164,6 +168,51 @@ def smoothed(grid: np.ndarray, sigma: float = 1.0) -> np.ndarray:
     return gaussian_blur(t, [5, 5], [sigma, sigma])[0, 0].numpy()
 
 
+class _LinearisedReLU6(torch.nn.Module):
+    """ReLU6 with its slope for this input, relu6(z) / z, held fixed: linear in z."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        slope = torch.where(z.abs() > 1e-6, torch.nn.functional.relu6(z) / z.where(z.abs() > 1e-6, 1.0), 0.0)
+        return z * slope.detach()
+
+
+def finer_contributions(model, x: torch.Tensor, label: int) -> dict[str, np.ndarray]:
+    """The token contributions carried further down, through the convolutional stages before the
+    tokens, to the trunk's stride-16 (`blocks.4`) and stride-8 (`blocks.2`) maps: with ReLU6's
+    slopes held fixed too, the class score is linear in that map plus biases, and gradient x input
+    splits it over its cells (the trunk is not retrained: the same model, a finer split)."""
+    import copy
+
+    linear = copy.deepcopy(model).eval()
+    for name, module in list(linear.named_modules()):
+        for child, sub in list(module.named_children()):
+            if isinstance(sub, torch.nn.ReLU6):
+                setattr(module, child, _LinearisedReLU6())
+    trunk = list(linear.backbone)  # conv_stem, bn1, blocks.0 ... blocks.5
+    head = linear.head
+    out = {}
+    for name, cut in (("contributions_stride16", 7), ("contributions_stride8", 5)):  # after blocks.4 / blocks.2
+        with torch.inference_mode(False), torch.enable_grad():
+            h = x[None].clone()
+            with torch.no_grad():
+                for m in trunk[:cut]:
+                    h = m(h)
+            h = h.detach().requires_grad_()
+            f = h
+            for m in trunk[cut:]:
+                f = m(f)
+            fmap = linear.top(f)
+            score = head._linearised_class_token(head._tokens(fmap)) @ head.fc.weight[label]
+            (grad,) = torch.autograd.grad(score.sum(), h)
+        out[name] = (grad * h).sum(1)[0].detach().numpy()
+        with torch.no_grad():  # measured from the deletion test's grey photo instead of from zero
+            grey = torch.zeros_like(x)[None]
+            for m in trunk[:cut]:
+                grey = m(grey)
+        out[name + "_from_grey"] = (grad * (h - grey)).sum(1)[0].detach().numpy()
+    return out
+
+
 def measure(engine, items: list, steps: int, rise: int = 0, only: set[str] | None = None) -> tuple[list[dict], float]:
     from birdfg import faithfulness as fm
     from birdfg.evaluate import photo_seed
@@ -204,6 +253,7 @@ def measure(engine, items: list, steps: int, rise: int = 0, only: set[str] | Non
         every = engine.explain_all(comparison, "vit", [(c, None) for c in range(len(engine.classes))], "contributions")
         probs = comparison.probs("vit")
         maps["contributions_of_probability"] = every[item.label] - np.tensordot(probs, every, axes=1)
+        maps.update(finer_contributions(engine.models["vit"].model, x, item.label))
         maps["contributions_smoothed"] = smoothed(maps["contributions"])
         maps["contributions_from_grey_smoothed"] = smoothed(maps["contributions_from_grey"])
         maps["centre"] = fm.centre_prior(tuple(x.shape[-2:]))
