@@ -9,6 +9,8 @@ lists the explanation methods it offers in `explanations` (see explanations.py).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from birdfg.attention import attention_layers
 from birdfg.explanations import (AttentionRelevance, AttentionRollout, BilinearSplit, ClassActivationMap,
                                  LayerAttention, TokenContributions)
 
@@ -94,10 +97,7 @@ class TransformerHead(nn.Module):
         token the classifier reads: what a gradient method differentiates (AttentionRelevance).
         Its backward pass then skips the other tokens' MLP and projections in the last block,
         ~40 % of the relevance's time when it is asked for every class."""
-        x = self._tokens(fmap)
-        for block in self.blocks[:-1]:
-            x = block(x)
-        return self.fc(self.drop(self.norm(class_token_block(self.blocks[-1], x))[:, 0]))
+        return self.fc(self.drop(self._class_token(self._tokens(fmap))))
 
     def class_maps(self, fmap: torch.Tensor, classes: torch.Tensor,
                    reference: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,25 +126,16 @@ class TransformerHead(nn.Module):
 
     def _linearised_class_token(self, x: torch.Tensor) -> torch.Tensor:
         """The class token's output before the classifier, (B, D): the same values as `forward`,
-        with every non-linear factor detached (see `class_maps`). Written out for timm's `Block`
-        as these heads build it (no layer scale, no q/k norm, no gate)."""
-        def norm(layer: nn.LayerNorm, t: torch.Tensor) -> torch.Tensor:
-            scale = (t.var(-1, unbiased=False, keepdim=True) + layer.eps).rsqrt().detach()
-            return (t - t.mean(-1, keepdim=True)) * scale * layer.weight + layer.bias
+        with every non-linear factor detached (see `class_maps`)."""
+        with _held_fixed(self):
+            return self._class_token(x)
 
-        for i, block in enumerate(self.blocks):
-            attn, mlp = block.attn, block.mlp
-            b, n, _ = x.shape
-            qkv = attn.qkv(norm(block.norm1, x)).reshape(b, n, 3, attn.num_heads, attn.head_dim)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            if i == len(self.blocks) - 1:  # the classifier reads only the class token
-                q, x = q[:, :, :1], x[:, :1]
-            weights = (q * attn.scale @ k.transpose(-2, -1)).softmax(dim=-1).detach()
-            x = x + attn.proj((weights @ v).transpose(1, 2).reshape(b, x.shape[1], attn.attn_dim))
-            z = mlp.fc1(norm(block.norm2, x))
-            slope = torch.where(z.abs() > 1e-6, mlp.act(z) / z.where(z.abs() > 1e-6, 1.0), 0.5).detach()
-            x = x + mlp.fc2(z * slope)
-        return norm(self.norm, x)[:, 0]
+    def _class_token(self, x: torch.Tensor) -> torch.Tensor:
+        """The class token's output before the classifier, (B, D), from the tokens: the last
+        block computed for the class token only (see `class_logits`)."""
+        for block in self.blocks[:-1]:
+            x = block(x)
+        return self.norm(class_token_block(self.blocks[-1], x))[:, 0]
 
     def _tokens(self, fmap: torch.Tensor) -> torch.Tensor:
         tokens = self.proj(fmap).flatten(2).transpose(1, 2)
@@ -153,6 +144,43 @@ class TransformerHead(nn.Module):
 
     def _pos_embed(self, hw: tuple[int, int]) -> torch.Tensor:
         return torch.cat([self.pos_embed[:, :1], patch_positions(self.pos_embed[:, 1:], self.grid, hw)], dim=1)
+
+
+@contextmanager
+def _held_fixed(head: nn.Module) -> Iterator[None]:
+    """Within it, the head's transformer runs timm's own code with every non-linear factor of the
+    pass detached: the attention weights (as they leave the softmax, at `attn_drop`), each
+    LayerNorm's scale 1 / std and each GELU's slope GELU(z) / z. The values are unchanged, only
+    the gradients see a pass that is linear in the tokens plus the biases. Hooks on the head's own
+    modules: a gradient method on another thread at the same time would see them too (the app runs
+    all model work on one thread)."""
+    def fixed_weights(_module, _inputs, weights: torch.Tensor) -> torch.Tensor:
+        return weights.detach()
+
+    def fixed_scale(layer: nn.LayerNorm, inputs: tuple[torch.Tensor], _output) -> torch.Tensor:
+        t = inputs[0]
+        scale = (t.var(-1, unbiased=False, keepdim=True) + layer.eps).rsqrt().detach()
+        return (t - t.mean(-1, keepdim=True)) * scale * layer.weight + layer.bias
+
+    def fixed_slope(act: nn.Module, inputs: tuple[torch.Tensor], output: torch.Tensor) -> torch.Tensor:
+        z = inputs[0]
+        nonzero = z.abs() > 1e-6
+        return z * torch.where(nonzero, output / z.where(nonzero, 1.0), 0.5).detach()
+
+    attentions = attention_layers(head)
+    fused = [layer.fused_attn for layer in attentions]
+    hooks = [layer.attn_drop.register_forward_hook(fixed_weights) for layer in attentions]
+    hooks += [m.register_forward_hook(fixed_scale) for m in head.modules() if isinstance(m, nn.LayerNorm)]
+    hooks += [m.mlp.act.register_forward_hook(fixed_slope) for m in head.modules() if isinstance(m, Block)]
+    try:
+        for layer in attentions:
+            layer.fused_attn = False  # the fused kernel never hands the weights to `attn_drop`
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for layer, was in zip(attentions, fused):
+            layer.fused_attn = was
 
 
 def class_token_block(block: Block, x: torch.Tensor) -> torch.Tensor:
