@@ -184,7 +184,7 @@ def finer_contributions(model, x: torch.Tensor, label: int) -> dict[str, np.ndar
     import copy
 
     linear = copy.deepcopy(model).eval()
-    for name, module in list(linear.named_modules()):
+    for module in list(linear.modules()):
         for child, sub in list(module.named_children()):
             if isinstance(sub, torch.nn.ReLU6):
                 setattr(module, child, _LinearisedReLU6())
