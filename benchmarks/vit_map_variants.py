@@ -176,11 +176,8 @@ class _LinearisedReLU6(torch.nn.Module):
         return z * slope.detach()
 
 
-def finer_contributions(model, x: torch.Tensor, label: int) -> dict[str, np.ndarray]:
-    """The token contributions carried further down, through the convolutional stages before the
-    tokens, to the trunk's stride-16 (`blocks.4`) and stride-8 (`blocks.2`) maps: with ReLU6's
-    slopes held fixed too, the class score is linear in that map plus biases, and gradient x input
-    splits it over its cells (the trunk is not retrained: the same model, a finer split)."""
+def linearised_copy(model):
+    """A copy of the model whose ReLU6s keep their slopes fixed (`finer_contributions`' model)."""
     import copy
 
     linear = copy.deepcopy(model).eval()
@@ -188,6 +185,15 @@ def finer_contributions(model, x: torch.Tensor, label: int) -> dict[str, np.ndar
         for child, sub in list(module.named_children()):
             if isinstance(sub, torch.nn.ReLU6):
                 setattr(module, child, _LinearisedReLU6())
+    return linear
+
+
+def finer_contributions(linear, x: torch.Tensor, label: int) -> dict[str, np.ndarray]:
+    """The token contributions carried further down, through the convolutional stages before the
+    tokens, to the trunk's stride-16 (`blocks.4`) and stride-8 (`blocks.2`) maps of `linear`
+    (`linearised_copy(model)`): with ReLU6's slopes held fixed too, the class score is linear in
+    that map plus biases, and gradient x input splits it over its cells (the trunk is not
+    retrained: the same model, a finer split)."""
     trunk = list(linear.backbone)  # conv_stem, bn1, blocks.0 ... blocks.5
     head = linear.head
     out = {}
@@ -218,7 +224,7 @@ def measure(engine, items: list, steps: int, rise: int = 0, only: set[str] | Non
     from birdfg.evaluate import photo_seed
 
     head = engine.models["vit"].model.head
-    rows, masks = [], None
+    rows, masks, linear = [], None, None
     began = time.perf_counter()
     for item in tqdm(items, desc="vit maps", unit="photo"):
         photo = Image.open(item.path).convert("RGB")
@@ -253,7 +259,10 @@ def measure(engine, items: list, steps: int, rise: int = 0, only: set[str] | Non
         every = engine.explain_all(comparison, "vit", [(c, None) for c in range(len(engine.classes))], "contributions")
         probs = comparison.probs("vit")
         maps["contributions_of_probability"] = every[item.label] - np.tensordot(probs, every, axes=1)
-        maps.update(finer_contributions(engine.models["vit"].model, x, item.label))
+        if not only or any(name.startswith("contributions_stride") for name in only):  # ~0.35 s a photo
+            if linear is None:
+                linear = linearised_copy(engine.models["vit"].model)
+            maps.update(finer_contributions(linear, x, item.label))
         maps["contributions_smoothed"] = smoothed(maps["contributions"])
         maps["contributions_from_grey_smoothed"] = smoothed(maps["contributions_from_grey"])
         maps["centre"] = fm.centre_prior(tuple(x.shape[-2:]))
