@@ -30,6 +30,11 @@ Figures, in ms, median and every sample:
   "each model's runner-up"; the opacity alternates 0.8 / 0.3;
 - floor `drop_to_text`: until the returned text is shown; `drop_to_images`: until the three
   returned images are loaded (`naturalWidth > 0`);
+- app `cpu_during_drop` (Linux): CPU time spent from just before the drop until this script saw the
+  three maps drawn (`window_ms`, some 30-50 ms longer than `drop_to_maps`: Playwright's hand-over
+  and polling), by whom: the app's server process, and how long its threads waited for a core
+  while they could run (the scheduler's run delay, summed over its threads); every Chromium
+  process; this script and Playwright's driver; the whole machine;
 - `inprocess_ms`: after the browser probes, with the servers stopped, in this process:
   `Engine(load_set(checkpoints)).compare(photo)` plus `map_data.model_maps(..., every_class=False)`
   for every model (what the page's first update needs), over the same photos; `inprocess_complete_ms`:
@@ -61,6 +66,7 @@ import time
 import urllib.request
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import results_file  # benchmarks/results_file.py (this folder is on sys.path when a script runs)
 
@@ -172,9 +178,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Served(NamedTuple):
+    url: str
+    pid: int
+
+
 @contextmanager
 def server(name: str, args: list[str], timeout: float = 300, cwd: Path = ROOT):
-    """`python ARGS --port P` in `cwd` (the repository root); yields its URL once it answers HTTP."""
+    """`python ARGS --port P` in `cwd` (the repository root); yields its URL and process id once it
+    answers HTTP."""
     port = free_port()
     env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, *args, "--port", str(port)], cwd=cwd, env=env, stdout=subprocess.PIPE,
@@ -197,7 +209,7 @@ def server(name: str, args: list[str], timeout: float = 300, cwd: Path = ROOT):
                 raise BenchError(f"{name} did not answer within {timeout:.0f} s:\n{''.join(lines[-30:])}")
             time.sleep(0.25)
         print(f"{name} answers after {time.perf_counter() - started:.1f} s", flush=True)
-        yield url
+        yield Served(url, proc.pid)
     finally:
         proc.terminate()
         try:
@@ -205,6 +217,93 @@ def server(name: str, args: list[str], timeout: float = 300, cwd: Path = ROOT):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# --- who has the cores while a visitor waits ------------------------------------------------------
+
+class CpuShare:
+    """CPU time spent on this machine between two snapshots, by whom (Linux /proc; `available` is
+    False elsewhere): the app's server process (`server_ms`) and how long its threads waited for a
+    core while they could run (`server_waited_ms`, the scheduler's run delay), every Chromium
+    process (`chromium_ms`), this script and Playwright's driver (`driver_ms`), and all the
+    machine's CPUs together (`machine_busy_ms`, out of `cores` x the window)."""
+
+    def __init__(self, server_pid: int):
+        self.server_pid = server_pid
+        self.available = Path("/proc/self/task").is_dir() and Path("/proc/stat").is_file()
+
+    @staticmethod
+    def _threads(pid: int | str) -> dict[str, tuple[int, int]]:
+        """Each thread's (ns run, ns waited for a core) so far."""
+        found = {}
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return found
+        for tid in tids:
+            try:
+                run, wait = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[:2]
+            except (OSError, ValueError):
+                continue  # the thread ended
+            found[f"{pid}/{tid}"] = (int(run), int(wait))
+        return found
+
+    def snapshot(self) -> dict:
+        me = os.getpid()
+        chromium, driver = {}, {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            name = stat[stat.index("(") + 1:stat.rindex(")")]
+            parent = int(stat[stat.rindex(")") + 2:].split()[1])
+            if name.startswith(("chromium", "chrome")):
+                chromium |= self._threads(pid)
+            elif int(pid) == me or (parent == me and name.startswith("node")):
+                driver |= self._threads(pid)
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return {"wall_ns": time.perf_counter_ns(), "server": self._threads(self.server_pid), "chromium": chromium,
+                "driver": driver, "busy_ns": (sum(fields) - idle) * 1e9 / os.sysconf("SC_CLK_TCK")}
+
+    @staticmethod
+    def between(before: dict, after: dict) -> dict:
+        """Milliseconds between two snapshots. A thread that ended in between is left out (its
+        last moments are lost), one that started counts whole."""
+        def used(key: str, field: int = 0) -> float:
+            old = before[key]
+            return sum(v[field] - old.get(t, (0, 0))[field] for t, v in after[key].items()) / 1e6
+
+        return {"window_ms": (after["wall_ns"] - before["wall_ns"]) / 1e6, "server_ms": used("server"),
+                "server_waited_ms": used("server", 1), "chromium_ms": used("chromium"), "driver_ms": used("driver"),
+                "machine_busy_ms": (after["busy_ns"] - before["busy_ns"]) / 1e6}
+
+    def groups(self) -> dict:
+        """The kernel's scheduler groups: with autogroup scheduling on, the CPU is shared fairly
+        between sessions first, and Chromium runs in sessions of its own (Playwright starts it as a
+        session leader, and its zygotes start more), so `nice` on Chromium weighs it only against
+        its own processes, not against the server."""
+        def group(pid) -> str | None:
+            try:
+                return Path(f"/proc/{pid}/autogroup").read_text().split()[0]
+            except (OSError, IndexError):
+                return None
+        try:
+            enabled = Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+        except OSError:
+            enabled = None
+        chromium = set()
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                name = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                continue
+            if name.startswith(("chromium", "chrome")) and (found := group(pid)):
+                chromium.add(found)
+        server = group(self.server_pid)
+        return {"autogroup": enabled, "server_group": server, "chromium_groups": len(chromium),
+                "chromium_shares_server_group": server in chromium}
 
 
 # --- the page --------------------------------------------------------------------------------------
@@ -252,13 +351,23 @@ def quiet(page, ms: float, second_update: bool = False) -> None:
     page.wait_for_function(f"() => {{ const b = window.__bench; return ({wait}) && b.quiet() >= {ms}; }}", polling=50)
 
 
-def app_photo(browser, url: str, photo: Path, settle_ms: float, opacity: float, page_settle_ms: float) -> dict:
-    context, page = fresh_page(browser, url, page_settle_ms)
+def app_photo(browser, app: Served, photo: Path, settle_ms: float, opacity: float, page_settle_ms: float) -> dict:
+    context, page = fresh_page(browser, app.url, page_settle_ms)
+    cpu = CpuShare(app.pid)
     try:
         page.wait_for_function("keys => keys.every(k => document.querySelector('#map-' + k)?.dataset.rendered)",
                                arg=list(KEYS))
-        drop = probe(page, [f"map:{k}" for k in KEYS] + ["labels"],
-                     lambda: page.locator("#photo input[type=file]").set_input_files(str(photo)))
+        window = [cpu.snapshot()] if cpu.available else []
+
+        def drop_photo() -> None:
+            page.locator("#photo input[type=file]").set_input_files(str(photo))
+            if window:  # the CPU window closes once the three maps are drawn (polled: up to ~20 ms later)
+                page.wait_for_function("keys => keys.every(k => ('map:' + k) in window.__bench.marks)",
+                                       arg=list(KEYS), polling=20)
+                window.append(cpu.snapshot())
+
+        drop = probe(page, [f"map:{k}" for k in KEYS] + ["labels"], drop_photo)
+        used = CpuShare.between(*window) if len(window) == 2 else None
         quiet(page, settle_ms, second_update=True)
         draws = page.evaluate("() => window.__bench.draws")
         marks = drop["marks"]
@@ -271,7 +380,8 @@ def app_photo(browser, url: str, photo: Path, settle_ms: float, opacity: float, 
                   # its second draw: the second update's maps (a third, of the same maps, follows
                   # when the event completes: Gradio sends the outputs again)
                   "drop_to_vit_complete": draws["vit"][1] if len(draws["vit"]) >= 2 else None,
-                  "status": page.inner_text("#status").strip()}
+                  "status": page.inner_text("#status").strip(),
+                  "cpu_during_drop": used}
 
         listed = " ".join(page.inner_text(f"#label-{k}") for k in KEYS)
         species = next(o for o in option_labels(page, "#species")[1:] if o not in listed)
@@ -479,29 +589,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         floor = str(Path("benchmarks") / "floor_app.py")
         with ExitStack() as stack:
-            app_url = stack.enter_context(server("app.py", app_args))
-            baseline_url = None
+            app = stack.enter_context(server("app.py", app_args))
+            baseline = None
             if args.baseline:
                 checkpoints = (args.checkpoints or ROOT / "checkpoints" / "lite").resolve()
-                baseline_url = stack.enter_context(server(
+                baseline = stack.enter_context(server(
                     "baseline app.py", ["app.py", "--checkpoints", str(checkpoints)], cwd=args.baseline.resolve()))
                 report["baseline"] = "another checkout's app.py (--baseline), same checkpoints"
-            text_url = stack.enter_context(server("floor_app.py --events text", [floor, "--events", "text"]))
-            images_url = stack.enter_context(server("floor_app.py --events images", [floor, "--events", "images"]))
+            text_url = stack.enter_context(server("floor_app.py --events text", [floor, "--events", "text"])).url
+            images_url = stack.enter_context(server("floor_app.py --events images", [floor, "--events", "images"])).url
             playwright = stack.enter_context(sync_playwright())
             floor_urls = {"text": text_url, "images": images_url}
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             import gradio
 
             report["machine"].update(chromium=browser.version, gradio=gradio.__version__)
+            if CpuShare(app.pid).available:
+                report["machine"]["scheduler"] = CpuShare(app.pid).groups()
             for i, photo in enumerate([warm_up, *photos]):
                 opacity = OPACITIES[i % len(OPACITIES)]
                 base = None
-                if baseline_url and i % 2:
-                    base = app_photo(browser, baseline_url, photo, args.settle_ms, opacity, args.page_settle_ms)
-                a = app_photo(browser, app_url, photo, args.settle_ms, opacity, args.page_settle_ms)
-                if baseline_url and not i % 2:
-                    base = app_photo(browser, baseline_url, photo, args.settle_ms, opacity, args.page_settle_ms)
+                if baseline and i % 2:
+                    base = app_photo(browser, baseline, photo, args.settle_ms, opacity, args.page_settle_ms)
+                a = app_photo(browser, app, photo, args.settle_ms, opacity, args.page_settle_ms)
+                if baseline and not i % 2:
+                    base = app_photo(browser, baseline, photo, args.settle_ms, opacity, args.page_settle_ms)
                 f = floor_photos(browser, floor_urls, photo, args.page_settle_ms)
                 label = "warm-up" if i == 0 else f"{i}/{len(photos)}"
                 print(f"[{label}] {a['photo']}: app maps {a['drop_to_maps']:.0f} labels {a['drop_to_labels']:.0f} "
@@ -539,6 +651,9 @@ def main(argv: list[str] | None = None) -> int:
         "inprocess": {k: summary(measured[k]) for k in ("inprocess_ms", "inprocess_complete_ms")},
     }
     report["figures"]["app"]["per_model_maps"] = {k: summary([s["maps"][k] for s in app_samples]) for k in KEYS}
+    used = [s["cpu_during_drop"] for s in app_samples if s["cpu_during_drop"]]
+    if used:  # see CpuShare: who had the cores between the drop and the three maps
+        report["figures"]["app"]["cpu_during_drop"] = {k: summary([u[k] for u in used]) for k in used[0]}
     report["runtimes"] = measured["runtimes"]
     report["app_samples"] = [rounded({k: v for k, v in s.items() if k != "status"}) for s in app_samples]
     report["floor_samples"] = [rounded(s) for s in floor_samples]
@@ -556,6 +671,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     print()
     print(table(report))
+    if "cpu_during_drop" in report["figures"]["app"]:
+        c = {k: v["median_ms"] for k, v in report["figures"]["app"]["cpu_during_drop"].items()}
+        print(f"\nCPU from the drop to the three maps (medians, ms; window {c['window_ms']:.0f} ms on "
+              f"{os.cpu_count()} cores): the app's server {c['server_ms']:.0f} (its threads waited "
+              f"{c['server_waited_ms']:.0f} for a core), Chromium {c['chromium_ms']:.0f}, this script and "
+              f"Playwright {c['driver_ms']:.0f}; the machine in all {c['machine_busy_ms']:.0f}")
+        groups = report["machine"].get("scheduler")
+        if groups and groups["autogroup"]:
+            print(f"scheduler: autogroup on; Chromium in {groups['chromium_groups']} session group(s)"
+                  f"{' with' if groups['chromium_shares_server_group'] else ' apart from'} the server's")
     print(f"\nsettle: {report['settle']}; switches flagged pending: {report['pending_switches']}")
     print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, load average "
           f"{report['machine']['load_average_start']} -> {report['machine']['load_average_end']}; "
