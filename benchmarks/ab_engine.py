@@ -9,7 +9,8 @@ variants taking turns, so that a change of load on a shared machine touches them
     python benchmarks/ab_engine.py mechanisms --json out.json
 
 `revisions`: a comparison as the app makes it (one photo file -> every model's answer and map
-drawn on the photo, in-process), photos/s of batches of 16, and every model's default map for
+drawn on the photo, in-process), the page's first update (the comparison and every model's quick
+map data, no overlay drawn), photos/s of batches of 16, and every model's default map for
 every class of a compared photo (what the page's second update holds), for this tree and the
 revision checked out at --against (`git worktree add /tmp/before <rev>`); ratio = this tree / that one.
 `mechanisms`: the same two figures for the engine with each mechanism switched off in turn:
@@ -58,6 +59,18 @@ class Timer:
             times.append((time.perf_counter() - start) * 1000)
         return times
 
+    def first_ms(self, n: int) -> list[float]:
+        """Ms per photo for the page's first update: the comparison and each model's quick map
+        data (no overlay drawn: the page draws its own)."""
+        times = []
+        for _ in range(n):
+            path = self.paths[self.turn % len(self.paths)]
+            self.turn += 1
+            start = time.perf_counter()
+            self.engine.first_answer(path)
+            times.append((time.perf_counter() - start) * 1000)
+        return times
+
     def maps_ms(self, n: int) -> list[float]:
         """Ms per photo for every model's default map of every class (the photo compared first);
         none for a revision from before the engine, which has no such call."""
@@ -101,7 +114,8 @@ def worker(args: argparse.Namespace) -> int:
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         what, n = line.split()
-        values = {"compare": timer.compare_ms, "maps": timer.maps_ms, "batch": timer.batch_ips}[what](int(n))
+        values = {"compare": timer.compare_ms, "first": timer.first_ms, "maps": timer.maps_ms,
+                  "batch": timer.batch_ips}[what](int(n))
         print(json.dumps(values), flush=True)
     return 0
 
@@ -127,7 +141,7 @@ def revisions(args: argparse.Namespace) -> dict:
         ready = procs[name].stdout.readline()
         if not ready.strip().startswith('{"ready"'):
             raise RuntimeError(f"the {name} worker ({tree}) did not start: {ready!r}")
-    figures = {what: {name: [] for name in sides} for what in ("compare", "maps", "batch")}
+    figures = {what: {name: [] for name in sides} for what in ("compare", "first", "maps", "batch")}
 
     def ask(name: str, what: str, n: int) -> None:
         procs[name].stdin.write(f"{what} {n}\n")
@@ -138,17 +152,20 @@ def revisions(args: argparse.Namespace) -> dict:
         order = list(sides) if round_ % 2 == 0 else list(reversed(sides))  # neither always goes first
         for name in order:
             ask(name, "compare", args.photos)
+            ask(name, "first", args.photos)
             ask(name, "maps", args.photos)
             ask(name, "batch", 1)
-        print(f"round {round_ + 1}/{args.rounds}: compare ms {_summary(figures['compare'])}, every map ms "
+        print(f"round {round_ + 1}/{args.rounds}: compare ms {_summary(figures['compare'])}, first answer ms "
+              f"{_summary(figures['first'])}, every map ms "
               f"{_summary(figures['maps'])}, batch photos/s {_summary(figures['batch'])}", flush=True)
     for proc in procs.values():
         proc.stdin.close()
         proc.wait()
-    c, m, b = (_summary(figures[what]) for what in ("compare", "maps", "batch"))
+    c, f, m, b = (_summary(figures[what]) for what in ("compare", "first", "maps", "batch"))
     shown_sets = {"this": str(args.checkpoints), "against": str(args.against_checkpoints or args.checkpoints)}
-    return {"against": str(args.against), "sets": shown_sets, "compare_ms": c, "every_map_ms": m, "batch_ips": b,
-            "compare_ratio": _ratio(c), "every_map_ratio": _ratio(m), "batch_ratio": _ratio(b),
+    return {"against": str(args.against), "sets": shown_sets, "compare_ms": c, "first_answer_ms": f,
+            "every_map_ms": m, "batch_ips": b, "compare_ratio": _ratio(c), "first_answer_ratio": _ratio(f),
+            "every_map_ratio": _ratio(m), "batch_ratio": _ratio(b),
             "samples": {what: len(figures[what]["this"]) for what in figures}}
 
 

@@ -31,6 +31,17 @@ class AnyEngine:
             return [self.engine.overlay(comparison, key) for key in comparison.answered]
         return [comparison.overlay(key) for key, r in comparison.results.items() if r.ok]
 
+    def first_answer(self, path: Path) -> None:
+        """The page's first update: the comparison and every model's quick map data (none before
+        the maps were drawn in the page: such a revision compares only)."""
+        comparison = self.engine.compare(path)
+        try:
+            from birdfg.app.map_data import model_maps
+        except ImportError:
+            return
+        for key in comparison.answered:
+            model_maps(self.engine, comparison, key, every_class=False)
+
     def every_map(self, comparison) -> list[np.ndarray]:
         """Every answering model's default map for every class, (classes, H, W) each."""
         if not self.new:

@@ -35,6 +35,8 @@ Figures, in ms, median and every sample:
   and polling), by whom: the app's server process, and how long its threads waited for a core
   while they could run (the scheduler's run delay, summed over its threads); every Chromium
   process; this script and Playwright's driver; the whole machine;
+- with `--long-side N`, each photo is dropped as a JPEG N pixels on its longer side (4032: a
+  12 MP phone photo), upscaled from the val photo in a temporary folder;
 - `inprocess_ms`: after the browser probes, with the servers stopped, in this process:
   `Engine(load_set(checkpoints)).compare(photo)` plus `map_data.model_maps(..., every_class=False)`
   for every model (what the page's first update needs), over the same photos; `inprocess_complete_ms`:
@@ -61,6 +63,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -463,6 +466,24 @@ def inprocess(checkpoints: Path, warm_up: Path, photos: list[Path]) -> dict:
     return {"inprocess_ms": firsts, "inprocess_complete_ms": completes, "runtimes": engine.runtimes}
 
 
+def resaved(photos: list[Path], long_side: int, folder: Path) -> list[Path]:
+    """Each photo as a JPEG `long_side` pixels on its longer side (bicubic), as a phone takes
+    them: the same class folder and name under `folder`."""
+    from PIL import Image
+
+    out = []
+    for photo in photos:
+        with Image.open(photo) as image:
+            scale = long_side / max(image.size)
+            image = image.convert("RGB").resize((round(image.width * scale), round(image.height * scale)),
+                                                Image.Resampling.BICUBIC)
+        target = folder / photo.parent.name / photo.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        image.save(target, quality=90)
+        out.append(target)
+    return out
+
+
 # --- report ------------------------------------------------------------------------------------------
 
 def cpu_model() -> str:
@@ -539,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: the app's own choice; in-process checkpoints/lite)")
     p.add_argument("--baseline", type=Path, default=None, metavar="DIR",
                    help="another birdfg checkout whose app.py is timed too, photo by photo (an A/B in one run)")
+    p.add_argument("--long-side", type=int, default=None, metavar="N",
+                   help="drop each photo re-saved as a JPEG N pixels on its longer side (e.g. 4032: a 12 MP phone "
+                        "photo, upscaled), in a temporary folder; the in-process figures use the same files")
     p.add_argument("--settle-ms", type=float, default=300,
                    help="before each switch: no map redrawn for this long (default: 300)")
     p.add_argument("--page-settle-ms", type=float, default=1000,
@@ -567,6 +591,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     step = max(1, len(all_photos) // (args.photos + 1))
     chosen = all_photos[::step][:args.photos + 1]  # spread over the classes
+    if args.long_side:
+        resized = tempfile.TemporaryDirectory(prefix="bench_browser_")  # removed when the script ends
+        chosen = resaved(chosen, args.long_side, Path(resized.name))
     warm_up, photos = chosen[0], chosen[1:]
 
     started = time.perf_counter()
@@ -581,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         "each_photo": ("a fresh browser context and page per photo and app; app, text floor and image floor take "
                        "turns photo by photo"),
         "page_settle_ms": args.page_settle_ms,
+        "long_side": args.long_side,
     }
     if args.baseline and not (args.baseline / "app.py").is_file():
         p.error(f"--baseline {args.baseline}: no app.py there (a birdfg checkout is needed)")

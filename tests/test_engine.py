@@ -17,7 +17,8 @@ from PIL import Image
 from birdfg import layout
 from birdfg.checkpoints import load_set
 from birdfg.images import open_rgb
-from birdfg.inference import Engine, runtime
+from birdfg.inference import DISPLAY_SIDE, Engine, runtime
+from birdfg.inference.results import display_size
 from birdfg.inference.threads import limit_threads, usable_cpus
 from birdfg.overlay import TURBO, crop_box, normalise, overlay
 
@@ -121,6 +122,35 @@ def test_evidence_is_kept_only_when_asked_for(lite_set, photos):
         engine.explain(without, "cnn")
     kept, = engine.run(photos[:1], evidence=True)
     assert len(kept.results["vit"].evidence.attentions) == 2 and not kept.results["cnn"].evidence.attentions
+
+
+@pytest.mark.parametrize("size", [(512, 512), (513, 512), (512, 513), (300, 200), (1024, 768), (768, 1024),
+                                  (1024, 683), (1000, 50), (50, 1000), (1023, 7), (7, 1023), (999, 1000),
+                                  (641, 480), (480, 641), (1024, 1023), (2, 1024),
+                                  (521, 29), (534, 85), (513, 530)])  # neither round() nor floor() gives these
+def test_the_display_size_is_pil_thumbnails(size):
+    shown = Image.new("L", size)
+    shown.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
+    assert display_size(size) == shown.size
+
+
+def test_the_photo_as_shown_is_made_only_when_asked_for(lite_set):
+    """The page draws its maps on its own photo: a comparison and its map data make no display
+    copy; an overlay drawn on the server makes it, the same picture as before."""
+    from birdfg.app.map_data import model_maps
+
+    engine = Engine(load_set(lite_set), warm_up=False)
+    photo = synthetic_photo(0, 3, size=(900, 600))
+    comparison = engine.compare(photo)
+    data = model_maps(engine, comparison, "cnn", every_class=False)
+    assert comparison._shown is None
+    expected = photo.copy()
+    expected.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
+    assert comparison.display_size == expected.size == (512, 341)
+    left, top, right, bottom = crop_box(expected.size, engine.models["cnn"].preprocess)
+    assert data["box"] == [left / 512, top / 341, right / 512, bottom / 341]
+    assert engine.overlay(comparison, "cnn").size == expected.size
+    assert np.array_equal(np.asarray(comparison.photo), np.asarray(expected))
 
 
 def _graphs(folder) -> dict[str, float]:

@@ -117,7 +117,7 @@ def model_maps(engine: Engine, comparison: Comparison | None, key: str, against:
     methods = engine.methods[key]
     evidence = comparison.results[key].evidence
     probs = comparison.probs(key)
-    width, height = comparison.photo.size
+    width, height = comparison.display_size
     left, top, right, bottom = comparison.boxes[key]
     data: dict[str, Any] = {
         "key": key, "classes": comparison.classes, "names": [display_name(c) for c in comparison.classes],

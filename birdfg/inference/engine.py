@@ -29,7 +29,6 @@ from birdfg.overlay import crop_box, overlay
 
 log = logging.getLogger("birdfg.inference")
 
-DISPLAY_SIDE = 512  # maps are drawn on a copy of the photo this large (longer side)
 
 
 @dataclass
@@ -173,10 +172,8 @@ class Engine:
         """Classify and explain one photo with every model. Raises ImageError for bad input."""
         photo = open_rgb(source)
         comparison = self.run([photo], evidence=True)[0]
-        shown = photo.copy()
-        shown.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
-        comparison.photo = shown
-        comparison.boxes = {key: crop_box(shown.size, m.preprocess) for key, m in self.models.items()}
+        comparison.source = photo
+        comparison.boxes = {key: crop_box(comparison.display_size, m.preprocess) for key, m in self.models.items()}
         return comparison
 
     # --- explanations ------------------------------------------------------------------------------

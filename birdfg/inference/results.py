@@ -1,6 +1,7 @@
 """What the engine returns: plain data (arrays and tensors), no models."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,26 @@ from birdfg.data import display_name
 from birdfg.explanations import Evidence
 from birdfg.models import ENSEMBLE_KEY
 from birdfg.overlay import Box
+
+
+DISPLAY_SIDE = 512  # maps are drawn on a copy of the photo this large (longer side)
+
+
+def display_size(size: tuple[int, int], side: int = DISPLAY_SIDE) -> tuple[int, int]:
+    """The size of `Image.thumbnail((side, side))` of an image of `size`, without resizing it:
+    PIL's rounding, the whole side that keeps the aspect ratio closest (tests check it against
+    PIL's own)."""
+    width, height = size
+    if side >= width and side >= height:
+        return width, height
+    aspect = width / height
+
+    def closest(number: float, error) -> int:
+        return max(min(math.floor(number), math.ceil(number), key=error), 1)
+
+    if aspect <= 1:  # portrait or square: as tall as `side`
+        return closest(side * aspect, lambda n: abs(aspect - n / side)), side
+    return side, closest(side / aspect, lambda n: 0 if n == 0 else abs(aspect - side / n))
 
 
 @dataclass
@@ -38,8 +59,25 @@ class Comparison:
 
     classes: list[str]
     results: dict[str, ModelResult]
-    photo: Image.Image | None = None  # the photo as shown (longer side <= DISPLAY_SIDE), with evidence
+    source: Image.Image | None = None  # the photo the models were given (set by the engine's compare; <= 1024 px)
     boxes: dict[str, Box] = field(default_factory=dict)  # per model: the part of `photo` it saw
+    _shown: Image.Image | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def display_size(self) -> tuple[int, int] | None:
+        """The size of `photo`, known without making it."""
+        return display_size(self.source.size) if self.source is not None else None
+
+    @property
+    def photo(self) -> Image.Image | None:
+        """The photo as shown (longer side <= DISPLAY_SIDE), made when first asked for: only maps
+        drawn on the server need it (the page draws on its own copy of the photo), and it costs a
+        resize of every photo larger than DISPLAY_SIDE (benchmarks/README.md, "Browser")."""
+        if self._shown is None and self.source is not None:
+            shown = self.source.copy()
+            shown.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
+            self._shown = shown
+        return self._shown
 
     @property
     def ensemble_probs(self) -> np.ndarray | None:
