@@ -59,7 +59,8 @@ def tune_malloc() -> bool:
 
 
 def release_free_memory() -> None:
-    """Give freed heap pages back to the OS (about a millisecond; the pages fault back in when used)."""
+    """Give freed heap pages back to the OS (some milliseconds after a comparison: glibc walks the
+    whole heap; the pages fault back in when used)."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 
