@@ -30,7 +30,6 @@ from birdfg.overlay import crop_box, overlay
 log = logging.getLogger("birdfg.inference")
 
 
-
 @dataclass
 class Group:
     """Models that share one trunk pass and one preprocessing (a group of one runs its whole
@@ -172,7 +171,9 @@ class Engine:
         """Classify and explain one photo with every model. Raises ImageError for bad input."""
         photo = open_rgb(source)
         comparison = self.run([photo], evidence=True)[0]
-        comparison.source = photo
+        # The display copy is made later, from this (results.Comparison.photo): never from an
+        # image the caller may still change.
+        comparison.source = photo.copy() if photo is source else photo
         comparison.boxes = {key: crop_box(comparison.display_size, m.preprocess) for key, m in self.models.items()}
         return comparison
 
