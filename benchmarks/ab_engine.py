@@ -49,27 +49,25 @@ class Timer:
         self.photos = [open_rgb(p) for p in (paths * BATCH)[:BATCH]]
         self.turn = 0
 
-    def compare_ms(self, n: int) -> list[float]:
+    def _each_photo_ms(self, n: int, work) -> list[float]:
+        """Ms of `work(path)` for the next `n` photos in turn."""
         times = []
         for _ in range(n):
             path = self.paths[self.turn % len(self.paths)]
             self.turn += 1
             start = time.perf_counter()
-            self.engine.overlays(self.engine.compare(path))
+            work(path)
             times.append((time.perf_counter() - start) * 1000)
         return times
+
+    def compare_ms(self, n: int) -> list[float]:
+        """Ms per photo for a comparison with every model's map drawn on the photo."""
+        return self._each_photo_ms(n, lambda path: self.engine.overlays(self.engine.compare(path)))
 
     def first_ms(self, n: int) -> list[float]:
         """Ms per photo for the page's first update: the comparison and each model's quick map
         data (no overlay drawn: the page draws its own)."""
-        times = []
-        for _ in range(n):
-            path = self.paths[self.turn % len(self.paths)]
-            self.turn += 1
-            start = time.perf_counter()
-            self.engine.first_answer(path)
-            times.append((time.perf_counter() - start) * 1000)
-        return times
+        return self._each_photo_ms(n, self.engine.first_answer)
 
     def maps_ms(self, n: int) -> list[float]:
         """Ms per photo for every model's default map of every class (the photo compared first);
