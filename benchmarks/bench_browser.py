@@ -67,6 +67,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -78,6 +79,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_NAMES = ("chromium", "chrome")  # its processes' names in /proc
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run"]
 DEFAULT_DATA = ROOT.parent / "shared" / "bird_dataset"
@@ -251,17 +253,21 @@ class CpuShare:
             found[f"{pid}/{tid}"] = (int(run), int(wait))
         return found
 
-    def snapshot(self) -> dict:
-        me = os.getpid()
-        chromium, driver = {}, {}
+    @staticmethod
+    def _processes() -> Iterator[tuple[str, str, int]]:
+        """(pid, name, parent pid) of every process still there."""
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 stat = Path(f"/proc/{pid}/stat").read_text()
             except OSError:
                 continue
-            name = stat[stat.index("(") + 1:stat.rindex(")")]
-            parent = int(stat[stat.rindex(")") + 2:].split()[1])
-            if name.startswith(("chromium", "chrome")):
+            yield pid, stat[stat.index("(") + 1:stat.rindex(")")], int(stat[stat.rindex(")") + 2:].split()[1])
+
+    def snapshot(self) -> dict:
+        me = os.getpid()
+        chromium, driver = {}, {}
+        for pid, name, parent in self._processes():
+            if name.startswith(CHROMIUM_NAMES):
                 chromium |= self._threads(pid)
             elif int(pid) == me or (parent == me and name.startswith("node")):
                 driver |= self._threads(pid)
@@ -296,14 +302,8 @@ class CpuShare:
             enabled = Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
         except OSError:
             enabled = None
-        chromium = set()
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                name = Path(f"/proc/{pid}/comm").read_text().strip()
-            except OSError:
-                continue
-            if name.startswith(("chromium", "chrome")) and (found := group(pid)):
-                chromium.add(found)
+        chromium = {found for pid, name, _ in self._processes()
+                    if name.startswith(CHROMIUM_NAMES) and (found := group(pid))}
         server = group(self.server_pid)
         return {"autogroup": enabled, "server_group": server, "chromium_groups": len(chromium),
                 "chromium_shares_server_group": server in chromium}
