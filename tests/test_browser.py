@@ -177,24 +177,33 @@ def test_upload_compare_and_ask_about_another_species(page, sample_photo):
 
 
 class Held(list):
-    """The page's queue/join requests held back, until `released`."""
+    """The page's requests to `pattern` held back, until `released`."""
     released = False
 
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = pattern
 
-def hold_the_event(page) -> Held:
-    """Hold back the page's event: its queue/join requests are kept, unanswered, until release().
-    A request that reaches the handler once released (one can still be on its way to it while
-    release() runs) goes on at once: none may be left waiting for good."""
-    held = Held()
 
-    def hold(route) -> None:
+def hold(page, pattern: str) -> Held:
+    """Hold back the page's requests to `pattern`: kept, unanswered, until release(). A request
+    that reaches the handler once released (one can still be on its way to it while release()
+    runs) goes on at once: none may be left waiting for good."""
+    held = Held(pattern)
+
+    def keep(route) -> None:
         if held.released:
             route.continue_()
         else:
             held.append(route)
 
-    page.route("**/queue/join*", hold)
+    page.route(pattern, keep)
     return held
+
+
+def hold_the_event(page) -> Held:
+    """Hold back the page's event (its queue/join requests)."""
+    return hold(page, "**/queue/join*")
 
 
 def wait_until_held(page, held: Held, timeout_s: float = 30) -> None:
@@ -210,7 +219,7 @@ def release(page, held: Held) -> None:
     held.released = True
     while held:
         held.pop(0).continue_()
-    page.unroute("**/queue/join*")
+    page.unroute(held.pattern)
 
 
 def test_the_maps_come_before_the_events_answer(page, sample_photo):
@@ -235,6 +244,28 @@ def test_the_maps_come_before_the_events_answer(page, sample_photo):
     labels_shown(page)
     page.wait_for_timeout(1000)  # the ViT's second update
     assert pixels(page)[0] == drawn[0]
+
+
+def test_the_maps_are_drawn_over_the_pages_own_copy_of_the_photo(page, sample_photo):
+    """maps.js draws a photo just chosen over a copy it makes from the file at once, not over
+    the photo box's <img>, which shows the photo only once the upload has come back from the
+    server (for a phone photo, at the cost of a decode of its own after the maps came). Here the
+    photo box's download is held back: the first maps, the event's answer and a species switch
+    are drawn all the same."""
+    answered = []
+    page.on("response", lambda r: "component_server" in r.url and answered.append(r))
+    preview = hold(page, "**/gradio_api/file=**")
+    drop_photo(page, sample_photo)
+    labels_shown(page)
+    assert answered and answered[0].json()["maps"]  # the first maps came from the page's own call
+    page.wait_for_timeout(1000)  # the ViT's second update
+    other = option_labels(page, "#species")[-1]
+    before = rendered(page)
+    choose(page, "#species", other)
+    redrawn(page, before)
+    assert all(other in caption(page, k) for k in KEYS)
+    assert preview and page.evaluate("() => !document.querySelector('#photo img')?.naturalWidth")
+    release(page, preview)
 
 
 def hidden_maps(page) -> None:

@@ -33,36 +33,60 @@ if (!birdfg.setControls) {
     document.getElementById("fetch-contrast")?.click();
   };
 
-  // A photo just chosen: its first maps are asked for at once, by the photo's SHA-256
-  // (server.first_maps: the head start's answer, birdfg/app/head_start.py), and drawn before
-  // Gradio's event answers, over the photo box's <img> when it shows that upload already, else
-  // over the file as this page decodes it. Anything missing (no head start, another set, no
-  // crypto.subtle outside https and localhost) leaves the event's answer to draw them.
+  // A photo just chosen, ready to paint: a copy no larger than a map (props.side), made from the
+  // file as soon as it is chosen, while it uploads and the server compares it. Painting from the
+  // photo box's <img> waited for the upload to come back and, for a phone photo (12 MP), paid
+  // its decode after the first maps had come (benchmarks/README.md, "Browser"). null: not a
+  // picture this browser decodes.
+  const SIDE = props.side;
+  birdfg.copyOf = (file) => new Promise((resolve) => {
+    const img = new Image();
+    const url = URL.createObjectURL(file);
+    img.onload = () => {
+      const scale = Math.min(1, SIDE / Math.max(img.naturalWidth, img.naturalHeight));
+      const copy = document.createElement("canvas");
+      copy.width = Math.max(1, Math.round(img.naturalWidth * scale));
+      copy.height = Math.max(1, Math.round(img.naturalHeight * scale));
+      const ctx = copy.getContext("2d");
+      ctx.imageSmoothingQuality = "high";  // a phone photo shrinks eightfold: no aliasing
+      ctx.drawImage(img, 0, 0, copy.width, copy.height);
+      URL.revokeObjectURL(url);
+      resolve(copy);
+    };
+    img.onerror = () => { URL.revokeObjectURL(url); resolve(null); };
+    img.src = url;
+  });
+
+  // Its first maps are asked for at once too, by the photo's SHA-256 (server.first_maps: the
+  // head start's answer, birdfg/app/head_start.py), and drawn over the copy before Gradio's
+  // event answers; the event's maps are drawn over the same copy while the photo box shows that
+  // upload (`birdfg.chosen`). Anything missing (no head start, another set, no crypto.subtle
+  // outside https and localhost) leaves the event's answer to draw them over the photo box.
   birdfg.drops = 0;
+  birdfg.chosen = null;  // {drop, path: the upload on the server, photo: the copy}
   birdfg.early = async (file) => {
     const drop = ++birdfg.drops;
     const maps = Object.entries(birdfg.maps);
     if (!file || !birdfg.server?.first_maps || !globalThis.crypto?.subtle || !maps.length) return;
     const before = maps.map(([, map]) => map.value());  // the values the event's answer replaces
+    const copy = birdfg.copyOf(file);
     try {
       const digest = await crypto.subtle.digest("SHA-256", await file.arrayBuffer());
       const hex = Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
       const found = await birdfg.server.first_maps(hex);
-      if (!found || drop !== birdfg.drops) return;
-      const shown = document.querySelector("#photo img");
-      const same = shown && shown.complete && shown.naturalWidth && found.path
-        && decodeURIComponent(shown.src).endsWith(found.path);
-      const photo = same ? shown : await createImageBitmap(file);
-      if (drop !== birdfg.drops) return;
+      const photo = await copy;
+      if (!found || !photo || drop !== birdfg.drops) return;
+      birdfg.chosen = { drop, path: found.path, photo };
       maps.forEach(([key, map], i) => found.maps[key] && map.early(found.maps[key], photo, before[i], drop));
     } catch (e) {
-      // not a picture this browser decodes, or the call failed: the event's answer draws the maps
+      // the call failed: the event's answer draws the maps
     }
   };
   // The photo box cleared: maps that came early stand for nothing any more (the cleared value may
   // equal the one they stood in for, so the value alone does not say so).
   birdfg.forget = () => {
     birdfg.drops++;
+    birdfg.chosen = null;
     for (const map of Object.values(birdfg.maps)) map.redraw(true);
   };
   document.addEventListener("change", (event) => {
@@ -184,7 +208,7 @@ if (!birdfg.setControls) {
   };
 
   // The photo, dimmed outside the part the model saw, with the map over that part.
-  // `photo`: the photo box's <img>, or the ImageBitmap of a file just chosen (birdfg.early).
+  // `photo`: the photo box's <img>, or the copy of a file just chosen (birdfg.copyOf).
   birdfg.paint = (canvas, photo, data, grid, opacity, side) => {
     const [width, height] = [photo.naturalWidth || photo.width, photo.naturalHeight || photo.height];
     const scale = Math.min(1, side / Math.max(width, height));
@@ -212,7 +236,14 @@ if (!birdfg.setControls) {
   if (server?.first_maps) birdfg.server = server;
   // Maps that came before the event's answer (birdfg.early), shown until the value changes.
   let early = null;  // {before: the value they stand in for, data, photo, drop: birdfg.drops then}
-  const photo = () => (early && early.drop === birdfg.drops ? early.photo : document.querySelector("#photo img"));
+  const photo = () => {
+    if (early && early.drop === birdfg.drops) return early.photo;
+    const shown = document.querySelector("#photo img");
+    const chosen = birdfg.chosen;
+    const same = shown && chosen && chosen.drop === birdfg.drops && chosen.path
+      && decodeURIComponent(shown.src).endsWith(chosen.path);
+    return same ? chosen.photo : shown;
+  };
   // The value is the maps as one JSON string (birdfg/app/handlers.py says why); parsed once.
   let parsed = { text: undefined, data: null };
   const current = () => {
