@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from conftest import ARTIFACTS
 
@@ -246,16 +247,20 @@ def test_the_maps_come_before_the_events_answer(page, sample_photo):
     assert pixels(page)[0] == drawn[0]
 
 
-def test_the_maps_are_drawn_over_the_pages_own_copy_of_the_photo(page, sample_photo):
-    """maps.js draws a photo just chosen over a copy it makes from the file at once, not over
-    the photo box's <img>, which shows the photo only once the upload has come back from the
-    server (for a phone photo, at the cost of a decode of its own after the maps came). Here the
-    photo box's download is held back: the first maps, the event's answer and a species switch
-    are drawn all the same."""
+def test_a_large_photos_maps_are_drawn_over_the_pages_own_copy(page, sample_photo, tmp_path):
+    """maps.js draws a photo larger than a map over a copy at a map's size, made from the file as
+    it is chosen, not over the photo box's <img>, which shows the photo only once the upload has
+    come back from the server (and for a phone photo costs a decode of its own after the maps
+    came). Here the photo box's download is held back: the first maps, the event's answer and a
+    species switch are drawn all the same, at the map's size."""
+    large = tmp_path / "large.jpg"
+    with Image.open(sample_photo) as image:
+        scale = 2016 / max(image.size)
+        image.convert("RGB").resize((round(image.width * scale), round(image.height * scale))).save(large, quality=90)
     answered = []
     page.on("response", lambda r: "component_server" in r.url and answered.append(r))
     preview = hold(page, "**/gradio_api/file=**")
-    drop_photo(page, sample_photo)
+    drop_photo(page, large)
     labels_shown(page)
     assert answered and answered[0].json()["maps"]  # the first maps came from the page's own call
     page.wait_for_timeout(1000)  # the ViT's second update
@@ -265,6 +270,9 @@ def test_the_maps_are_drawn_over_the_pages_own_copy_of_the_photo(page, sample_ph
     redrawn(page, before)
     assert all(other in caption(page, k) for k in KEYS)
     assert preview and page.evaluate("() => !document.querySelector('#photo img')?.naturalWidth")
+    sides = page.evaluate("keys => keys.map(k => { const c = document.querySelector('#map-' + k + ' canvas'); "
+                          "return Math.max(c.width, c.height); })", list(KEYS))
+    assert sides == [512] * 3, sides
     release(page, preview)
 
 

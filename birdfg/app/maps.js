@@ -33,24 +33,26 @@ if (!birdfg.setControls) {
     document.getElementById("fetch-contrast")?.click();
   };
 
-  // A photo just chosen, ready to paint: a copy no larger than a map (props.side), made from the
-  // file as soon as it is chosen, while it uploads and the server compares it. Painting from the
-  // photo box's <img> waited for the upload to come back and, for a phone photo (12 MP), paid
-  // its decode after the first maps had come (benchmarks/README.md, "Browser"). null: not a
-  // picture this browser decodes.
+  // A photo larger than a map, just chosen: a copy of it at a map's size (props.side), made from
+  // the file at once, while it uploads and the server compares it. Painting a phone photo (12 MP)
+  // from the photo box's <img> or the file waited for the upload to come back and paid its decode
+  // after the first maps had come (benchmarks/README.md, "Browser"). null: the photo fits a map as
+  // it is (the photo box's <img> serves as well: a copy cost small photos time in the same
+  // benchmark), or this browser does not decode it.
   const SIDE = props.side;
   birdfg.copyOf = (file) => new Promise((resolve) => {
     const img = new Image();
     const url = URL.createObjectURL(file);
     img.onload = () => {
-      const scale = Math.min(1, SIDE / Math.max(img.naturalWidth, img.naturalHeight));
+      URL.revokeObjectURL(url);
+      const scale = SIDE / Math.max(img.naturalWidth, img.naturalHeight);
+      if (!(scale < 1)) return resolve(null);
       const copy = document.createElement("canvas");
       copy.width = Math.max(1, Math.round(img.naturalWidth * scale));
       copy.height = Math.max(1, Math.round(img.naturalHeight * scale));
       const ctx = copy.getContext("2d");
       ctx.imageSmoothingQuality = "high";  // a phone photo shrinks eightfold: no aliasing
       ctx.drawImage(img, 0, 0, copy.width, copy.height);
-      URL.revokeObjectURL(url);
       resolve(copy);
     };
     img.onerror = () => { URL.revokeObjectURL(url); resolve(null); };
@@ -58,10 +60,11 @@ if (!birdfg.setControls) {
   });
 
   // Its first maps are asked for at once too, by the photo's SHA-256 (server.first_maps: the
-  // head start's answer, birdfg/app/head_start.py), and drawn over the copy before Gradio's
-  // event answers; the event's maps are drawn over the same copy while the photo box shows that
-  // upload (`birdfg.chosen`). Anything missing (no head start, another set, no crypto.subtle
-  // outside https and localhost) leaves the event's answer to draw them over the photo box.
+  // head start's answer, birdfg/app/head_start.py), and drawn before Gradio's event answers: over
+  // the copy, else over the photo box's <img> when it shows that upload already, else over the
+  // file as this page decodes it. The event's maps are drawn over the copy too while the photo
+  // box shows that upload (`birdfg.chosen`). Anything missing (no head start, another set, no
+  // crypto.subtle outside https and localhost) leaves the event's answer to draw them.
   birdfg.drops = 0;
   birdfg.chosen = null;  // {drop, path: the upload on the server, photo: the copy}
   birdfg.early = async (file) => {
@@ -74,12 +77,20 @@ if (!birdfg.setControls) {
       const digest = await crypto.subtle.digest("SHA-256", await file.arrayBuffer());
       const hex = Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
       const found = await birdfg.server.first_maps(hex);
-      const photo = await copy;
-      if (!found || !photo || drop !== birdfg.drops) return;
-      birdfg.chosen = { drop, path: found.path, photo };
+      if (!found || drop !== birdfg.drops) return;
+      let photo = await copy;
+      if (photo) {
+        birdfg.chosen = { drop, path: found.path, photo };
+      } else {
+        const shown = document.querySelector("#photo img");
+        const same = shown && shown.complete && shown.naturalWidth && found.path
+          && decodeURIComponent(shown.src).endsWith(found.path);
+        photo = same ? shown : await createImageBitmap(file);
+      }
+      if (drop !== birdfg.drops) return;
       maps.forEach(([key, map], i) => found.maps[key] && map.early(found.maps[key], photo, before[i], drop));
     } catch (e) {
-      // the call failed: the event's answer draws the maps
+      // not a picture this browser decodes, or the call failed: the event's answer draws the maps
     }
   };
   // The photo box cleared: maps that came early stand for nothing any more (the cleared value may
@@ -208,7 +219,8 @@ if (!birdfg.setControls) {
   };
 
   // The photo, dimmed outside the part the model saw, with the map over that part.
-  // `photo`: the photo box's <img>, or the copy of a file just chosen (birdfg.copyOf).
+  // `photo`: the photo box's <img>, the copy of a large photo just chosen (birdfg.copyOf), or the
+  // ImageBitmap of a smaller one.
   birdfg.paint = (canvas, photo, data, grid, opacity, side) => {
     const [width, height] = [photo.naturalWidth || photo.width, photo.naturalHeight || photo.height];
     const scale = Math.min(1, side / Math.max(width, height));
