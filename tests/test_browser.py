@@ -1,8 +1,10 @@
 """The app in a real headless Chromium (Debian's, driven by Playwright): upload a photo, wait for
 three answers and three drawn maps, ask for another species, a contrast, another opacity and
 another view (redrawn in the page, no request), download a map, see the maps drawn while the
-event is held back (the page's own call for them), remove the photo and its maps, test the maps,
-use a phone-sized page, look at the Models tab, switch sets. Saves tests/artifacts/compare.png."""
+event is held back (the page's own call for them), see a large photo's maps drawn while the photo
+box's own download is held back (the page's copy of the file), remove the photo and its maps, test
+the maps, use a phone-sized page, look at the Models tab, switch sets. Saves
+tests/artifacts/compare.png."""
 from __future__ import annotations
 
 from pathlib import Path
