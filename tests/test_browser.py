@@ -254,11 +254,13 @@ def test_a_large_photos_maps_are_drawn_over_the_pages_own_copy(page, sample_phot
     it is chosen, not over the photo box's <img>, which shows the photo only once the upload has
     come back from the server (and for a phone photo costs a decode of its own after the maps
     came). Here the photo box's download is held back: the first maps, the event's answer and a
-    species switch are drawn all the same, at the map's size."""
+    species switch are drawn all the same, at the map's size, and upright: the photo is stored on
+    its side with an EXIF orientation, as phones do."""
     large = tmp_path / "large.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn 90 degrees clockwise to show it
     with Image.open(sample_photo) as image:
-        scale = 2016 / max(image.size)
-        image.convert("RGB").resize((round(image.width * scale), round(image.height * scale))).save(large, quality=90)
+        image.convert("RGB").resize((2016, 1344)).save(large, quality=90, exif=exif.tobytes())
     answered = []
     page.on("response", lambda r: "component_server" in r.url and answered.append(r))
     preview = hold(page, "**/gradio_api/file=**")
@@ -272,9 +274,9 @@ def test_a_large_photos_maps_are_drawn_over_the_pages_own_copy(page, sample_phot
     redrawn(page, before)
     assert all(other in caption(page, k) for k in KEYS)
     assert preview and page.evaluate("() => !document.querySelector('#photo img')?.naturalWidth")
-    sides = page.evaluate("keys => keys.map(k => { const c = document.querySelector('#map-' + k + ' canvas'); "
-                          "return Math.max(c.width, c.height); })", list(KEYS))
-    assert sides == [512] * 3, sides
+    sizes = page.evaluate("keys => keys.map(k => { const c = document.querySelector('#map-' + k + ' canvas'); "
+                          "return [c.width, c.height]; })", list(KEYS))
+    assert sizes == [[341, 512]] * 3, sizes  # 1344 x 2016 upright, at most 512 pixels
     release(page, preview)
 
 
