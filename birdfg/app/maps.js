@@ -67,6 +67,11 @@ if (!birdfg.setControls) {
   // crypto.subtle outside https and localhost) leaves the event's answer to draw them.
   birdfg.drops = 0;
   birdfg.chosen = null;  // {drop, path: the upload on the server, photo: the copy}
+  // The photo box's <img> if it shows the upload stored at `path` on the server, else null.
+  birdfg.photoBox = (path) => {
+    const shown = document.querySelector("#photo img");
+    return shown && path && decodeURIComponent(shown.src).endsWith(path) ? shown : null;
+  };
   birdfg.early = async (file) => {
     const drop = ++birdfg.drops;
     const maps = Object.entries(birdfg.maps);
@@ -82,10 +87,8 @@ if (!birdfg.setControls) {
       if (photo) {
         birdfg.chosen = { drop, path: found.path, photo };
       } else {
-        const shown = document.querySelector("#photo img");
-        const same = shown && shown.complete && shown.naturalWidth && found.path
-          && decodeURIComponent(shown.src).endsWith(found.path);
-        photo = same ? shown : await createImageBitmap(file);
+        const shown = birdfg.photoBox(found.path);
+        photo = shown && shown.complete && shown.naturalWidth ? shown : await createImageBitmap(file);
       }
       if (drop !== birdfg.drops) return;
       maps.forEach(([key, map], i) => found.maps[key] && map.early(found.maps[key], photo, before[i], drop));
@@ -250,11 +253,9 @@ if (!birdfg.setControls) {
   let early = null;  // {before: the value they stand in for, data, photo, drop: birdfg.drops then}
   const photo = () => {
     if (early && early.drop === birdfg.drops) return early.photo;
-    const shown = document.querySelector("#photo img");
     const chosen = birdfg.chosen;
-    const same = shown && chosen && chosen.drop === birdfg.drops && chosen.path
-      && decodeURIComponent(shown.src).endsWith(chosen.path);
-    return same ? chosen.photo : shown;
+    if (chosen && chosen.drop === birdfg.drops && birdfg.photoBox(chosen.path)) return chosen.photo;
+    return document.querySelector("#photo img");
   };
   // The value is the maps as one JSON string (birdfg/app/handlers.py says why); parsed once.
   let parsed = { text: undefined, data: null };
