@@ -1,8 +1,7 @@
 """The app in a real headless Chromium (Debian's, driven by Playwright): upload a photo, wait for
 three answers and three drawn maps, ask for another species, a contrast, another opacity and
 another view (redrawn in the page, no request), download a map, see the maps drawn while the
-event is held back (the page's own call for them) and the event sent only once they are drawn (or
-after 3 s without them), see a large photo's maps drawn while the photo
+event is held back (the page's own call for them), see a large photo's maps drawn while the photo
 box's own download is held back (the page's copy of the file), remove the photo and its maps, test
 the maps, use a phone-sized page, look at the Models tab, switch sets. Saves
 tests/artifacts/compare.png."""
@@ -248,55 +247,6 @@ def test_the_maps_come_before_the_events_answer(page, sample_photo):
     labels_shown(page)
     page.wait_for_timeout(1000)  # the ViT's second update
     assert pixels(page)[0] == drawn[0]
-
-
-def watch_the_maps_and_the_event(page) -> None:
-    """From now on, the page's clock when each map first shows a drawn canvas (`window.__drawn`),
-    and the page's requests kept in its resource timings (cleared: the buffer holds 250)."""
-    page.evaluate("""keys => {
-        performance.clearResourceTimings();
-        window.__drawn = {};
-        new MutationObserver(() => {
-            for (const k of keys) {
-                const map = document.querySelector('#map-' + k);
-                if (!(k in window.__drawn) && map && !map.querySelector('canvas').hidden) window.__drawn[k] = performance.now();
-            }
-        }).observe(document.body, {subtree: true, attributes: true, attributeFilter: ['data-rendered']});
-    }""", list(KEYS))
-
-
-def drawn_and_joined(page) -> tuple[float, float | None]:
-    """When the last of the three maps was first drawn, and when the page asked to join the queue
-    (its event's first request), on the page's clock."""
-    return page.evaluate("""keys => [Math.max(...keys.map(k => window.__drawn[k])),
-        performance.getEntriesByType('resource').find(e => e.name.includes('/queue/join'))?.startTime ?? null]""",
-                         list(KEYS))
-
-
-def test_the_event_is_sent_once_the_first_maps_are_drawn(page, sample_photo):
-    """The page holds the photo's event back (ui.py gives it a `js` step) until maps.js has drawn
-    the head start's first maps, so that the event's requests, and the page's work on them, leave
-    the two cores to the comparison: the event's first request starts after the three maps were
-    drawn, and its answer comes."""
-    watch_the_maps_and_the_event(page)
-    drop_photo(page, sample_photo)
-    labels_shown(page)
-    drawn, joined = drawn_and_joined(page)
-    assert joined is not None and joined >= drawn, (drawn, joined)
-
-
-def test_the_event_goes_without_first_maps_that_do_not_come(page, sample_photo):
-    """First maps that never come (the page's call for them held back for good) hold the event
-    back at most 3 seconds: then it is sent, and its answer draws the maps."""
-    held = hold(page, "**/component_server**")
-    watch_the_maps_and_the_event(page)
-    drop_photo(page, sample_photo)
-    labels_shown(page)
-    drawn, joined = drawn_and_joined(page)
-    uploaded = page.evaluate("() => performance.getEntriesByType('resource').find(e => e.name.includes('/upload?'))?.responseEnd")
-    assert held and uploaded is not None and joined is not None
-    assert drawn > joined > uploaded + 2000, (uploaded, joined, drawn)
-    release(page, held)
 
 
 def test_a_large_photos_maps_are_drawn_over_the_pages_own_copy(page, sample_photo, tmp_path):

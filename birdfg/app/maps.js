@@ -72,19 +72,8 @@ if (!birdfg.setControls) {
     const shown = document.querySelector("#photo img");
     return shown && path && decodeURIComponent(shown.src).endsWith(path) ? shown : null;
   };
-  // Gradio's event for the photo is held back in the page (its `js`, ui.py) until these first
-  // maps are drawn or have failed to come, at most FIRST_MAPS_WAIT_MS: joining the queue, its
-  // status stream and the page's work on both took the two cores from the head start's comparison
-  // (benchmarks/README.md, "Browser"), and the event's answer would wait for that comparison anyway.
-  const FIRST_MAPS_WAIT_MS = 3000;
-  birdfg.firstMaps = Promise.resolve();
-  birdfg.afterFirstMaps = () =>
-    Promise.race([birdfg.firstMaps, new Promise((resolve) => setTimeout(resolve, FIRST_MAPS_WAIT_MS))]);
-  birdfg.early = (file) => {
+  birdfg.early = async (file) => {
     const drop = ++birdfg.drops;
-    birdfg.firstMaps = birdfg.drawEarly(file, drop).catch(() => {});
-  };
-  birdfg.drawEarly = async (file, drop) => {
     const maps = Object.entries(birdfg.maps);
     if (!file || !birdfg.server?.first_maps || !globalThis.crypto?.subtle || !maps.length) return;
     const before = maps.map(([, map]) => map.value());  // the values the event's answer replaces
@@ -102,7 +91,7 @@ if (!birdfg.setControls) {
         photo = shown && shown.complete && shown.naturalWidth ? shown : await createImageBitmap(file);
       }
       if (drop !== birdfg.drops) return;
-      await Promise.all(maps.map(([key, map], i) => found.maps[key] && map.early(found.maps[key], photo, before[i], drop)));
+      maps.forEach(([key, map], i) => found.maps[key] && map.early(found.maps[key], photo, before[i], drop));
     } catch (e) {
       // not a picture this browser decodes, or the call failed: the event's answer draws the maps
     }
@@ -336,12 +325,11 @@ if (!birdfg.setControls) {
     const gradient = Object.values(data.methods).some((method) => method.class_specific && !method.linear);
     return y >= 0 && gradient && !data.rivals.includes(y) ? data.stamp : null;
   };
-  // The first maps of a photo just chosen, standing in for the value `before` until it changes;
-  // the promise of their drawing.
+  // The first maps of a photo just chosen, standing in for the value `before` until it changes.
   const takeEarly = (text, photo, before, drop) => {
     if (props.value !== before || drop !== birdfg.drops) return;  // the event has answered already
     early = { before, data: JSON.parse(text), photo, drop };
-    return redraw(true);
+    redraw(true);
   };
   birdfg.maps[key] = { redraw, lacks, value: () => props.value, early: takeEarly };
 

@@ -11,7 +11,7 @@ Events
   "rather than", opacity and each model's map menus then redraw in the page with no request.
   The page asks for the first maps itself too, by the photo's SHA-256, as the photo is sent
   (`first_maps`, a server function of the map components: the head start's answer, drawn before
-  the event's), and sends the event once it has drawn them (at most 3 s later).
+  the event's).
 - `/faithfulness` (API): photo and species -> the deletion test of each model's map (a plot
   and one sentence). `/batch` (API): photos -> a table and its CSV. The model-set selector and
   the Models tab (the stored evaluation report) are private.
@@ -95,9 +95,7 @@ def wire(demo: gr.Blocks, page: Page, handlers: Handlers) -> None:
                          *credit],
                 preprocess=False, api_visibility="private", concurrency_id=MODELS, concurrency_limit=1,
                 show_progress="minimal", show_progress_on=page.maps)
-    # The page sends a photo's event once it has drawn the head start's first maps (maps.js).
-    gr.on([page.photo.upload, page.compare_button.click], **show,
-          js="async (...inputs) => { await window.birdfg?.afterFirstMaps?.(); return inputs; }")
+    gr.on([page.photo.upload, page.compare_button.click], **show)
     if page.examples is not None:
         page.examples.load_input_event.then(**show)
     cleared = ["null"] * len(page.maps) + ['""'] * len(credit)  # no maps, no credit
