@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from birdfg import memory, process
@@ -115,7 +116,7 @@ def test_the_page_gets_a_photos_head_start_by_its_digest(tmp_path):
     """`HeadStart.finished` behind a real Gradio server, called as maps.js calls it (a gr.HTML
     server function over HTTP): asked before the photo has landed, it waits for the upload and
     answers with what `prepare` made for it; asked again, at once; for another set, or for a
-    digest no upload has, nothing."""
+    digest no upload has, nothing. Two pages may wait at once here: a third is answered at once."""
     import hashlib
     import json
     import urllib.request
@@ -125,7 +126,7 @@ def test_the_page_gets_a_photos_head_start_by_its_digest(tmp_path):
     from birdfg.app.head_start import HeadStart
 
     runner = TorchThread()
-    head = HeadStart(lambda: "lite", worker=runner)
+    head = HeadStart(lambda: "lite", worker=runner, max_waiting=2)
     head.prepare = lambda set_name, path: f"{set_name}:{Path(path).name}"
     photo = tmp_path / "bird.png"
     Image.new("RGB", (64, 48), (30, 160, 90)).save(photo)
@@ -168,9 +169,18 @@ def test_the_page_gets_a_photos_head_start_by_its_digest(tmp_path):
         answers["unknown"] = call(url, ["0" * 64, "lite"])
         upload(url, notes)  # asked with a wait longer than the client's: only an answer at once passes
         answers["no photo"] = call(url, [hashlib.sha256(notes.read_bytes()).hexdigest(), "lite", 60], timeout=20)
+        waiting = [threading.Thread(target=call, args=(url, [f"{i}" * 64, "lite", 5])) for i in (1, 2)]
+        for page in waiting:
+            page.start()
+        while head.waiting < 2:
+            time.sleep(0.02)
+        answers["third waiting"] = call(url, ["3" * 64, "lite", 60], timeout=20)  # else a timeout error
+        for page in waiting:
+            page.join()
 
     serve_head_start(demo, head, runner, visitor)
     made = f"lite:{Path(answers['path']).name}"
     assert answers["early"] == made
     assert answers["again"] == made
     assert answers["other set"] is None and answers["unknown"] is None and answers["no photo"] is None
+    assert answers["third waiting"] is None

@@ -34,6 +34,10 @@ UPLOAD_PATH = "/gradio_api/upload"
 # How long `finished` waits for its photo's upload to land (a large photo on a slow link takes a
 # while; the wait costs the server nothing but an idle coroutine).
 UPLOAD_WAIT_S = 60.0
+# Pages waiting that way at once, at most: anyone may ask for any digest, and a flood of asks for
+# photos never sent must not pile up coroutines for a minute each. One more is answered None at
+# once (its page waits for its event, as without a head start).
+MAX_WAITING = 64
 
 
 def file_digest(path: str | Path) -> str:
@@ -45,10 +49,12 @@ def file_digest(path: str | Path) -> str:
 class HeadStart:
     """The answers started for uploaded photos, by (set name, file path): `prepare(set name, path)`
     run on the model thread (the set: `set_name()`, the default). At most `capacity` kept (a photo
-    uploaded and never compared is dropped in time). `worker`: the thread that runs model work."""
+    uploaded and never compared is dropped in time). `worker`: the thread that runs model work.
+    `max_waiting`: how many pages may wait for their photo's upload at once (`finished`)."""
 
-    def __init__(self, set_name: Callable[[], str], capacity: int = 4, worker: TorchThread = TORCH_THREAD):
-        self._set_name, self.capacity, self._worker = set_name, capacity, worker
+    def __init__(self, set_name: Callable[[], str], capacity: int = 4, worker: TorchThread = TORCH_THREAD,
+                 max_waiting: int = MAX_WAITING):
+        self._set_name, self.capacity, self._worker, self.max_waiting = set_name, capacity, worker, max_waiting
         self.prepare: Callable[[str, str], object] | None = None  # set by the app's handlers
         self._started: OrderedDict[tuple[str, str], Future] = OrderedDict()
         self._lock = threading.Lock()
@@ -56,6 +62,11 @@ class HeadStart:
         # server's event loop only (`uploaded` from the upload route, `finished` from the page).
         self._digests: OrderedDict[str, tuple[str, Future | None]] = OrderedDict()
         self._waiting: dict[str, list[asyncio.Future]] = {}
+
+    @property
+    def waiting(self) -> int:
+        """How many pages wait for their photo's upload to land (`finished`)."""
+        return sum(map(len, self._waiting.values()))
 
     def uploaded(self, paths: list[str]) -> None:
         """Gradio has stored an upload: start comparing it if it is one photo and nothing else
@@ -84,9 +95,12 @@ class HeadStart:
     async def finished(self, digest: str, set_name: str, wait_s: float = UPLOAD_WAIT_S):
         """What `prepare` gave for the uploaded photo whose SHA-256 is `digest`, once it has
         finished, if it was made with set `set_name`; else None. Waits up to `wait_s` seconds for
-        the upload to land (the page asks as it starts sending it). The job stays for `take`."""
+        the upload to land (the page asks as it starts sending it), unless `max_waiting` pages
+        wait already. The job stays for `take`."""
         entry = self._digests.get(digest)
         if entry is None:
+            if self.waiting >= self.max_waiting:
+                return None
             waiter = asyncio.get_running_loop().create_future()
             self._waiting.setdefault(digest, []).append(waiter)
             try:
