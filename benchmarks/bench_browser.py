@@ -1,6 +1,6 @@
 """What a visitor waits for: the app in a real headless Chromium, against a bare Gradio app.
 
-    python benchmarks/bench_browser.py [--photos 10] [--json OUT] [--checkpoints DIR] [--baseline DIR]
+    python benchmarks/bench_browser.py [--photos 10] [--json OUT] [--checkpoints DIR] [--baseline DIR] [--rtt-ms N]
 
 Starts `python app.py --port P` and the floor, `python benchmarks/floor_app.py --port Q --events
 text` and `... --events images` (Gradio apps that do no work: a photo upload starts one event that
@@ -47,6 +47,10 @@ Figures, in ms, median and every sample:
 its own `app.py` too, with the same checkpoints, and takes its turn on every photo (before the app
 on odd photos, after it on even ones): figures `baseline` beside `app`, for an A/B in one run.
 
+`--rtt-ms N`: the pages reach every server through a proxy in this process that holds each
+chunk of bytes N/2 ms in each direction (unlimited bandwidth; connections open at once): a
+visitor N ms of round trip away. The browser still shares the server's cores.
+
 Every time is the page's own clock (performance.now()): marks are taken in the page by a
 MutationObserver and load/keydown/input listeners, so Playwright's polling is not in them.
 Before the switches the page settles: until the ViT's second update has been drawn (or 5 s after
@@ -56,6 +60,7 @@ when a map still said "the rest of this map is on its way" when it was redrawn.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import platform
 import re
@@ -186,6 +191,55 @@ def free_port() -> int:
 class Served(NamedTuple):
     url: str
     pid: int
+
+
+@contextmanager
+def delayed(served: Served, rtt_ms: float) -> Iterator[Served]:
+    """`served` behind a TCP proxy on a free local port that holds every chunk of bytes rtt_ms / 2
+    in each direction, in order (a network round trip; no bandwidth limit, no handshake cost)."""
+    delay = rtt_ms / 2000
+    target = served.url.split("//")[1].split("/")[0].rsplit(":", 1)
+    loop = asyncio.new_event_loop()
+
+    async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        due: asyncio.Queue = asyncio.Queue()
+
+        async def deliver() -> None:
+            while True:
+                at, data = await due.get()
+                await asyncio.sleep(max(0.0, at - loop.time()))
+                if not data:
+                    sink.close()
+                    return
+                sink.write(data)
+                await sink.drain()
+
+        delivering = asyncio.ensure_future(deliver())
+        try:
+            while data := await source.read(1 << 16):
+                due.put_nowait((loop.time() + delay, data))
+        except ConnectionError:
+            pass
+        due.put_nowait((loop.time() + delay, b""))
+        await delivering
+
+    async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(target[0], int(target[1]))
+            await asyncio.gather(pump(reader, upstream_writer), pump(upstream_reader, writer))
+        except ConnectionError:
+            writer.close()
+
+    port = free_port()
+    listening = loop.run_until_complete(asyncio.start_server(connection, "127.0.0.1", port))
+    thread = threading.Thread(target=loop.run_forever, name="rtt-proxy", daemon=True)
+    thread.start()
+    try:
+        yield Served(f"http://127.0.0.1:{port}/", served.pid)
+    finally:
+        loop.call_soon_threadsafe(listening.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
 
 
 @contextmanager
@@ -569,11 +623,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="after each page's photo box appears, wait this long before the drop, app and floor "
                         "alike: a visitor drops a photo onto a page that has finished loading (default: 1000; "
                         "0: at once, while the page may still be loading)")
+    p.add_argument("--rtt-ms", type=float, default=0,
+                   help="the pages reach the servers through a local proxy that adds this round trip (half each "
+                        "way): a visitor on a network; the cores are still shared (default: 0, localhost)")
     args = p.parse_args(argv)
     if args.photos < 1:
         p.error("--photos must be at least 1")
-    if args.page_settle_ms < 0:
-        p.error("--page-settle-ms cannot be negative")
+    if args.page_settle_ms < 0 or args.rtt_ms < 0:
+        p.error("--page-settle-ms and --rtt-ms cannot be negative")
 
     if not CHROMIUM.exists():
         print(f"error: {CHROMIUM} not found: install Debian's chromium (`apt-get install chromium`)", file=sys.stderr)
@@ -608,6 +665,7 @@ def main(argv: list[str] | None = None) -> int:
         "each_photo": ("a fresh browser context and page per photo and app; app, text floor and image floor take "
                        "turns photo by photo"),
         "page_settle_ms": args.page_settle_ms,
+        "rtt_ms": args.rtt_ms,
         "long_side": args.long_side,
     }
     if args.baseline and not (args.baseline / "app.py").is_file():
@@ -617,15 +675,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         floor = str(Path("benchmarks") / "floor_app.py")
         with ExitStack() as stack:
-            app = stack.enter_context(server("app.py", app_args))
+            def serve(name: str, server_args: list[str], **kwargs) -> Served:
+                served = stack.enter_context(server(name, server_args, **kwargs))
+                return stack.enter_context(delayed(served, args.rtt_ms)) if args.rtt_ms else served
+
+            app = serve("app.py", app_args)
             baseline = None
             if args.baseline:
                 checkpoints = (args.checkpoints or ROOT / "checkpoints" / "lite").resolve()
-                baseline = stack.enter_context(server(
-                    "baseline app.py", ["app.py", "--checkpoints", str(checkpoints)], cwd=args.baseline.resolve()))
+                baseline = serve("baseline app.py", ["app.py", "--checkpoints", str(checkpoints)],
+                                 cwd=args.baseline.resolve())
                 report["baseline"] = "another checkout's app.py (--baseline), same checkpoints"
-            text_url = stack.enter_context(server("floor_app.py --events text", [floor, "--events", "text"])).url
-            images_url = stack.enter_context(server("floor_app.py --events images", [floor, "--events", "images"])).url
+            text_url = serve("floor_app.py --events text", [floor, "--events", "text"]).url
+            images_url = serve("floor_app.py --events images", [floor, "--events", "images"]).url
             playwright = stack.enter_context(sync_playwright())
             floor_urls = {"text": text_url, "images": images_url}
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
