@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+import results_file  # benchmarks/results_file.py (this folder is on sys.path when a script runs)
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "bird_dataset"
 BATCH = 16
@@ -244,10 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         return worker(args)
     result = revisions(args) if args.command == "revisions" else mechanisms(args)
     result["load_average"] = os.getloadavg()
+    result["cpu"] = results_file.cpu_model()
     print(json.dumps(result, indent=1))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
+        results_file.write(args.json, result)
     return 0
 
 

@@ -63,7 +63,6 @@ import argparse
 import asyncio
 import os
 import platform
-import re
 import socket
 import statistics
 import subprocess
@@ -540,18 +539,6 @@ def resaved(photos: list[Path], long_side: int, folder: Path) -> list[Path]:
 
 # --- report ------------------------------------------------------------------------------------------
 
-def cpu_model() -> str:
-    try:
-        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-    except OSError:
-        found = None
-    return found.group(1).strip() if found else (platform.processor() or platform.machine())
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
 def rounded(value):
     if isinstance(value, float):
         return round(value, 1)
@@ -656,8 +643,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     report: dict = {
         "command": " ".join(["python", "benchmarks/bench_browser.py", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
-                    "python": platform.python_version(), "load_average_start": load_average()},
+        "machine": {"cpu": results_file.cpu_model(), "cores": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+                    "python": platform.python_version(), "load_average_start": results_file.load_average()},
         "photos": [f"{x.parent.name}/{x.name}" for x in photos], "warm_up": f"{warm_up.parent.name}/{warm_up.name}",
         "settle": (f"before the switches: until the ViT's map was drawn twice (its second update) or "
                    f"{SECOND_UPDATE_WAIT_MS} ms after the drop, then no map redrawn for {args.settle_ms:.0f} ms; "
@@ -750,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     if baseline_samples:
         report["baseline_samples"] = [rounded({k: v for k, v in s.items() if k != "status"}) for s in baseline_samples]
     report["pending_switches"] = sum(len(s["pending"]) for s in app_samples)
-    report["machine"]["load_average_end"] = load_average()
+    report["machine"]["load_average_end"] = results_file.load_average()
     report["seconds"] = round(time.perf_counter() - started, 1)
     floor_text = report["figures"]["floor"]["drop_to_text"]["median_ms"]
     report["targets"] = {

@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import socket
@@ -69,6 +68,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import results_file  # noqa: E402  benchmarks/results_file.py (this folder is on sys.path when a script runs)
 from birdfg import process  # noqa: E402
 
 process.configure()  # the app's process settings, before torch is imported: they change the timings
@@ -111,10 +111,6 @@ def matmul_gflops(n: int = 2048, repeats: int = 7) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     ms, _ = median_ms(lambda _: a @ b, repeats, warmup=2)
     return 2 * n ** 3 / (ms / 1000) / 1e9
-
-
-def load_average() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
 
 
 def cached_graphs(folder: Path) -> list[str]:
@@ -415,8 +411,6 @@ def api_round_trips(url: str, start: float, api_name: str, photos: list[Path], r
 def api_timings(folder: Path, photos: list[Path], repeats: int) -> dict:
     """Cold start (process start to the first answered /compare) and /compare round trips through
     gradio_client; then the same round trips against an app that does no work (Gradio's floor)."""
-    from gradio_client import handle_file
-
     import shutil
 
     # The app starts on a copy of the set without its graph cache, as a fresh clone or a new
@@ -565,7 +559,7 @@ def bench_set(name: str, folder: Path, source: str, args, timing_photos: list[Pa
     result["agreement"] = agreement(engine, naive, agree_items, args.batch_size)
     result["agreement_ratio"] = min(result["agreement"]["ratio"], result["agreement"]["batched_ratio"])
     print(f"agreement {result['agreement']}", flush=True)
-    result["load_average_end"] = load_average()
+    result["load_average_end"] = results_file.load_average()
     return result
 
 
@@ -594,11 +588,11 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     gflops = matmul_gflops()
-    report: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    report: dict = {"machine": {"cpu": results_file.cpu_model(), "cores": os.cpu_count(),
                                 "usable_cpus": usable_cpus(), "torch": torch.__version__,
-                                "matmul_fp32_gflops": round(gflops, 1), "load_average_start": load_average()},
+                                "matmul_fp32_gflops": round(gflops, 1), "load_average_start": results_file.load_average()},
                     "command": " ".join(["python", "benchmarks/bench_compare.py", *(argv or sys.argv[1:])])}
-    print(f"matmul {gflops:.1f} GFLOP/s, load average {load_average()}", flush=True)
+    print(f"matmul {gflops:.1f} GFLOP/s, load average {results_file.load_average()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_compare_") as tmp:
         tmp = Path(tmp)
         for name in args.sets:
@@ -610,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
             report["machine"]["torch_threads"] = torch.get_num_threads()  # as the engine leaves them
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, indent=2))
-    report["machine"]["load_average_end"] = load_average()
+    report["machine"]["load_average_end"] = results_file.load_average()
     report["seconds"] = round(time.perf_counter() - started, 1)
     args.json.write_text(json.dumps(report, indent=2))
     summary = ("optimized_ms", "torch_ms", "naive_ms", "speedup", "flop_limit_ms", "limit_ratio", "agreement_ratio",
