@@ -602,11 +602,10 @@ def main(argv: list[str] | None = None) -> int:
                 folder, source = export_set("full", tmp / "full", classes), "random weights (--no-pretrained)"
             report[name] = bench_set(name, folder, source, args, timing_photos, val_items)
             report["machine"]["torch_threads"] = torch.get_num_threads()  # as the engine leaves them
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(report, indent=2))
+            results_file.write(args.json, report)  # what is done so far, should a later set fail
     report["machine"]["load_average_end"] = results_file.load_average()
     report["seconds"] = round(time.perf_counter() - started, 1)
-    args.json.write_text(json.dumps(report, indent=2))
+    results_file.write(args.json, report)
     summary = ("optimized_ms", "torch_ms", "naive_ms", "speedup", "flop_limit_ms", "limit_ratio", "agreement_ratio",
                "peak_rss_mb", "cold_start_inprocess_s", "cold_start_s", "api_ms", "gradio_floor_ms")
     batch_summary = ("ratio", "flop_ceiling_ratio", "limit_ratio")
