@@ -115,8 +115,8 @@ def test_an_uploaded_photo_is_prepared_before_its_event_asks(tmp_path):
 def test_the_page_gets_a_photos_head_start_by_its_digest(tmp_path):
     """`HeadStart.finished` behind a real Gradio server, called as maps.js calls it (a gr.HTML
     server function over HTTP): asked before the photo has landed, it waits for the upload and
-    answers with what `prepare` made for it; asked again, at once; for another set, or for a
-    digest no upload has, nothing. Two pages may wait at once here: a third is answered at once."""
+    answers with what `prepare` made for it; asked again, at once; for another set, for a
+    digest no upload has, or for a name that is no SHA-256, nothing. Two pages may wait at once here: a third is answered at once."""
     import hashlib
     import json
     import urllib.request
@@ -169,6 +169,7 @@ def test_the_page_gets_a_photos_head_start_by_its_digest(tmp_path):
         answers["unknown"] = call(url, ["0" * 64, "lite"])
         upload(url, notes)  # asked with a wait longer than the client's: only an answer at once passes
         answers["no photo"] = call(url, [hashlib.sha256(notes.read_bytes()).hexdigest(), "lite", 60], timeout=20)
+        answers["no digest"] = call(url, ["", "lite", 60], timeout=20)  # no upload can have that name
         waiting = [threading.Thread(target=call, args=(url, [f"{i}" * 64, "lite", 5])) for i in (1, 2)]
         for page in waiting:
             page.start()
@@ -183,4 +184,5 @@ def test_the_page_gets_a_photos_head_start_by_its_digest(tmp_path):
     assert answers["early"] == made
     assert answers["again"] == made
     assert answers["other set"] is None and answers["unknown"] is None and answers["no photo"] is None
+    assert answers["no digest"] is None
     assert answers["third waiting"] is None

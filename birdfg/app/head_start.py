@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -38,6 +39,7 @@ UPLOAD_WAIT_S = 60.0
 # photos never sent must not pile up coroutines for a minute each. One more is answered None at
 # once (its page waits for its event, as without a head start).
 MAX_WAITING = 64
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # a photo's name for `finished` (maps.js makes it)
 
 
 def file_digest(path: str | Path) -> str:
@@ -96,7 +98,10 @@ class HeadStart:
         """What `prepare` gave for the uploaded photo whose SHA-256 is `digest`, once it has
         finished, if it was made with set `set_name`; else None. Waits up to `wait_s` seconds for
         the upload to land (the page asks as it starts sending it), unless `max_waiting` pages
-        wait already. The job stays for `take`."""
+        wait already; None at once for a `digest` that is no SHA-256 in lower-case hex (no upload
+        has that name). The job stays for `take`."""
+        if not SHA256_HEX.fullmatch(digest):
+            return None
         entry = self._digests.get(digest)
         if entry is None:
             if self.waiting >= self.max_waiting:
