@@ -328,6 +328,28 @@ def test_a_phone_sized_page_still_shows_the_maps(browser, app_url, sample_photo)
         phone.close()
 
 
+def test_a_laptop_sized_page_shows_the_answer_where_the_photo_was_dropped(browser, app_url, sample_photo):
+    """No scrolling to see what the models say: in a 1366 x 768 window the three maps lie whole
+    within the window once drawn, and in a 1400 x 1000 one each model's top guess too."""
+    inside = ("([sel, bottom]) => [...document.querySelectorAll(sel)].map(e => e.getBoundingClientRect())"
+              ".map(r => [Math.round(r.top), Math.round(r.bottom), r.top >= 0 && r.bottom <= bottom])")
+    for width, height, shown in ((1366, 768, "#maps-cnn canvas.birdmap-canvas, #maps-vit canvas.birdmap-canvas, "
+                                               "#maps-bcnn canvas.birdmap-canvas"),
+                                 (1400, 1000, "#label-cnn .output-class, #label-vit .output-class, "
+                                              "#label-bcnn .output-class")):
+        laptop = browser.new_page(viewport={"width": width, "height": height})
+        try:
+            laptop.set_default_timeout(TIMEOUT_MS)
+            laptop.goto(app_url)
+            laptop.wait_for_selector("#photo input[type=file]", state="attached")
+            drop_photo(laptop, sample_photo)
+            labels_shown(laptop)
+            where = laptop.evaluate(inside, [shown, height])
+            assert len(where) >= 3 and all(fits for *_, fits in where), (width, height, shown, where)
+        finally:
+            laptop.close()
+
+
 def test_models_tab_and_switching_sets(page, app_checkpoints):
     page.get_by_role("tab", name="Models").click()
     report = page.inner_text("#report")

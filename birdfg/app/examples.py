@@ -26,7 +26,7 @@ log = logging.getLogger("birdfg.app")
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"  # the project's photos, committed with it
 CREDITS_FILE = "CREDITS.csv"
 CREDIT_COLUMNS = ("file", "species", "author", "licence", "original", "changes")
-GALLERY_LABEL = "Example photos (click one to compare)"
+GALLERY_LABEL = "Example photos (click one to compare; their credits are at the foot of this tab)"
 CREDITS_TITLE = "Credits of the example photos"
 _CC = re.compile(r"CC (BY(?:-SA)?) (\d\.\d)")
 
@@ -161,12 +161,15 @@ def gallery_credits(photos: list[Path]) -> str:
 
 
 def example_gallery(photos: list[Path], photo: gr.Image) -> gr.Examples | None:
-    """The clickable examples for `photo` and, under them, their credits (inside an open gr.Blocks)."""
+    """The clickable examples for `photo` (inside an open gr.Blocks); their credits: `example_credits`."""
     if not photos:
         return None
-    examples = gr.Examples([[str(p)] for p in photos], inputs=[photo], label=GALLERY_LABEL, examples_per_page=12)
+    return gr.Examples([[str(p)] for p in photos], inputs=[photo], label=GALLERY_LABEL, examples_per_page=12)
+
+
+def example_credits(photos: list[Path]) -> None:
+    """The credits of the gallery's photos, open (inside an open gr.Blocks): the licences ask for
+    them where the photos are shown, and a clicked photo's own credit shows under it too."""
     if text := gallery_credits(photos):
-        # Open: the licences ask for the credits where the photos are shown; a visitor may fold them.
         with gr.Accordion(CREDITS_TITLE, open=True):
             gr.Markdown(text, elem_id="example-credits")
-    return examples

@@ -12,7 +12,7 @@ import gradio as gr
 import pandas as pd
 
 from birdfg.app.batch import MAX_BATCH
-from birdfg.app.examples import example_gallery
+from birdfg.app.examples import example_credits, example_gallery
 from birdfg.app.presentation import PREDICTED, blurb, column_header, set_status, species_choices
 from birdfg.app.report import NO_SET, Report
 from birdfg.app.sets import ModelSets
@@ -50,10 +50,10 @@ MAP_CSS = """
 .birdmap-buttons button { font-size: 0.8em; padding: 0.1em 0.6em; border-radius: 6px;
   border: 1px solid var(--border-color-primary); background: var(--block-background-fill); cursor: pointer; }
 .birdmap-caption { min-height: 2.6em; font-size: 0.92em; margin: 0.3em 0; }
-.birdmap-parts { display: grid; grid-template-columns: repeat(2, 1fr); gap: 0.4em; }
+.birdmap-parts { display: grid; grid-template-columns: repeat(4, 1fr); gap: 0.3em; }  /* one row: the top 5 stays in view */
 .birdmap-parts figure { margin: 0; }
 .birdmap-parts canvas { width: 100%; height: auto; border-radius: 6px; }
-.birdmap-parts figcaption { font-size: 0.75em; text-align: center; }
+.birdmap-parts figcaption { font-size: 0.7em; text-align: center; overflow-wrap: anywhere; }
 """
 CSS = """
 .bird-col { border-radius: 14px !important; }
@@ -168,16 +168,18 @@ def build_page(sets: ModelSets, engine: Engine | None, problem: str | None, repo
                                        visible=len(sets.choices) > 1, interactive=True, elem_id="set-selector")
     status = gr.Markdown(set_status(sets, sets.default, engine, problem), elem_id="status")
 
+    # The photo beside the three models, the controls over the maps they change: a visitor sees the
+    # maps and top 5s where they drop a photo, without scrolling (tests/test_browser.py).
     with gr.Tab("Compare"):
         with gr.Row(equal_height=False):
-            with gr.Column(scale=2, min_width=300):
+            with gr.Column(scale=1, min_width=260):
                 photo = gr.Image(type="filepath", sources=["upload", "clipboard", "webcam"],
-                                 label="Your bird photo", height=330, elem_id="photo")
+                                 label="Your bird photo", height=280, elem_id="photo")
                 compare_button = gr.Button("Compare again", variant="primary")
                 api_compare = gr.Button(visible=False)
                 photo_credit = gr.Markdown(elem_id="photo-credit")
+                example_set = example_gallery(examples, photo)
             with gr.Column(scale=3, min_width=300):
-                gr.Markdown(HOWTO)
                 with gr.Row():
                     species = gr.Dropdown(species_choices(engine.classes) if engine else [], value=PREDICTED,
                                           label="Show the maps for", interactive=True, elem_id="species",
@@ -186,10 +188,11 @@ def build_page(sets: ModelSets, engine: Engine | None, problem: str | None, repo
                                          label="…rather than", interactive=True, elem_id="rather",
                                          info="Contrast: what favours the species above over this one.")
                     fetch_contrast = gr.Button(visible="hidden", elem_id="fetch-contrast")
-                opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Map opacity", elem_id="opacity")
-                example_set = example_gallery(examples, photo)
-        with gr.Row(equal_height=False):
-            columns = {key: _model_column(key, engine, server_functions) for key in MODEL_KEYS}
+                    opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Map opacity",
+                                        elem_id="opacity")
+                with gr.Row(equal_height=False):
+                    columns = {key: _model_column(key, engine, server_functions) for key in MODEL_KEYS}
+        gr.Markdown(HOWTO, elem_id="howto")
         with gr.Row(equal_height=True):
             ensemble = gr.Label(num_top_classes=5, label="Ensemble (mean of the three softmaxes)", scale=2,
                                 elem_id="label-ensemble")
@@ -202,6 +205,7 @@ def build_page(sets: ModelSets, engine: Engine | None, problem: str | None, repo
                                     y_title="probability of the species", elem_id="test-plot", height=260)
         with gr.Accordion("API answer (JSON, as `/compare` returns it)", open=False):
             answer = gr.JSON(label="/compare", elem_id="answer")
+        example_credits(examples)
 
     with gr.Tab("Batch"):
         gr.Markdown(f"Classify several photos at once (up to {MAX_BATCH}); the table is also a CSV download.")
@@ -231,16 +235,17 @@ def build_page(sets: ModelSets, engine: Engine | None, problem: str | None, repo
 def _model_column(key: str, engine: Engine | None, server_functions: list[Callable] | None = None) -> ModelColumn:
     """A model's column, offering what its explanation methods offer (in the default set)."""
     methods = engine.methods.get(key, []) if engine else []
-    with gr.Column(variant="panel", elem_classes=["bird-col"], min_width=260, elem_id=f"col-{key}"):
+    with gr.Column(variant="panel", elem_classes=["bird-col"], min_width=220, elem_id=f"col-{key}"):
+        # The answer first: name, map and top 5; what the map shows (and its menus) under them.
         header = gr.Markdown(column_header(engine, key))
-        text = gr.Markdown(blurb(engine, key), elem_classes=["blurb"])
         maps = gr.HTML(None, html_template=MAP_TEMPLATE, css_template=MAP_CSS, js_on_load=MAPS_JS,
                        model=key, turbo=TURBO_BYTES, opacity=DEFAULT_OPACITY, runner_up_value=RUNNER_UP,
                        side=MAP_SIDE, parts_side=PARTS_SIDE, elem_id=f"maps-{key}", apply_default_css=False,
                        server_functions=server_functions or None)
         overlay = gr.Image(label=f"{key} explanation", type="filepath", interactive=False, visible=False,
                            elem_id=f"overlay-{key}")
-        label = gr.Label(num_top_classes=5, label="Top 5 (click one to see its maps)", elem_id=f"label-{key}")
+        label = gr.Label(num_top_classes=5, label="Top 5 (click for its maps)", elem_id=f"label-{key}")
+        text = gr.Markdown(blurb(engine, key), elem_classes=["blurb"])
         menus = []
         if menu_specs := map_menus(methods):
             with gr.Row():
