@@ -116,7 +116,8 @@ def test_the_page_gets_a_photos_head_start_by_its_digest(tmp_path):
     """`HeadStart.finished` behind a real Gradio server, called as maps.js calls it (a gr.HTML
     server function over HTTP): asked before the photo has landed, it waits for the upload and
     answers with what `prepare` made for it; asked again, at once; for another set, for a
-    digest no upload has, or for a name that is no SHA-256, nothing. Two pages may wait at once here: a third is answered at once."""
+    digest no upload has, or for a name that is no SHA-256, nothing. Two pages may wait at once
+    here: a third is answered at once."""
     import hashlib
     import json
     import urllib.request

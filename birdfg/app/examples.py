@@ -168,8 +168,9 @@ def example_gallery(photos: list[Path], photo: gr.Image) -> gr.Examples | None:
 
 
 def example_credits(photos: list[Path]) -> None:
-    """The credits of the gallery's photos, open (inside an open gr.Blocks): the licences ask for
-    them where the photos are shown, and a clicked photo's own credit shows under it too."""
+    """The credits of the gallery's photos, open, on the tab that shows the photos (inside an open
+    gr.Blocks): the licences ask for credit where the photos are shown. A clicked photo's own
+    credit shows under it too (`Credits`)."""
     if text := gallery_credits(photos):
         with gr.Accordion(CREDITS_TITLE, open=True):
             gr.Markdown(text, elem_id="example-credits")
