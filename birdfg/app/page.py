@@ -235,7 +235,7 @@ def build_page(sets: ModelSets, engine: Engine | None, problem: str | None, repo
 def _model_column(key: str, engine: Engine | None, server_functions: list[Callable] | None = None) -> ModelColumn:
     """A model's column, offering what its explanation methods offer (in the default set)."""
     methods = engine.methods.get(key, []) if engine else []
-    with gr.Column(variant="panel", elem_classes=["bird-col"], min_width=220, elem_id=f"col-{key}"):
+    with gr.Column(variant="panel", elem_classes=["bird-col"], min_width=200, elem_id=f"col-{key}"):
         # The answer first: name, map and top 5; what the map shows (and its menus) under them.
         header = gr.Markdown(column_header(engine, key))
         maps = gr.HTML(None, html_template=MAP_TEMPLATE, css_template=MAP_CSS, js_on_load=MAPS_JS,
@@ -250,10 +250,12 @@ def _model_column(key: str, engine: Engine | None, server_functions: list[Callab
         if menu_specs := map_menus(methods):
             with gr.Row():
                 view_menu, *extras = menu_specs
+                # Side by side where the column is wide, one under the other in a narrow one (the
+                # names of the views and heads stay readable).
                 menus.append(gr.Dropdown(view_menu.choices, value=view_menu.default, label=view_menu.label,
-                                         interactive=True, min_width=120, elem_id=f"view-{key}",
+                                         interactive=True, min_width=200, elem_id=f"view-{key}",
                                          elem_classes=["map-view"]))
-                menus += [gr.Dropdown(m.choices, value=m.default, label=m.label, interactive=True, min_width=100,
+                menus += [gr.Dropdown(m.choices, value=m.default, label=m.label, interactive=True, min_width=200,
                                       elem_classes=["map-option"]) for m in extras]
     return ModelColumn(key, header, text, maps, overlay, label, menus)
 
