@@ -99,6 +99,7 @@ def labels_shown(page, keys=KEYS) -> None:
 def test_upload_compare_and_ask_about_another_species(page, sample_photo):
     requests = []
     page.on("request", lambda r: requests.append(r.url))
+    hidden_maps(page)  # before any photo: no map, and nothing to download
     drop_photo(page, sample_photo)
     labels_shown(page)
     page.wait_for_function("document.querySelector('#agree').innerText.trim().length > 0")
@@ -283,6 +284,7 @@ def test_a_large_photos_maps_are_drawn_over_the_pages_own_copy(page, sample_phot
 def hidden_maps(page) -> None:
     page.wait_for_function("keys => keys.every(k => document.querySelector('#map-' + k + ' canvas').hidden)",
                            arg=list(KEYS))
+    assert all(page.locator(f"#map-{k} button[data-act=download]").is_hidden() for k in KEYS)  # nothing to save
 
 
 def test_removing_the_photo_removes_its_maps(page, sample_photo):

@@ -47,6 +47,7 @@ MAP_CSS = """
 .birdmap canvas.birdmap-canvas { width: 100%; height: auto; max-height: 340px; object-fit: contain;
   border-radius: 8px; display: block; margin: 0 auto; }
 .birdmap-buttons { display: flex; gap: 0.5em; justify-content: flex-end; margin-top: 0.3em; }
+.birdmap-canvas[hidden] + .birdmap-buttons { display: none; }  /* no map yet: nothing to download */
 .birdmap-buttons button { font-size: 0.8em; padding: 0.1em 0.6em; border-radius: 6px;
   border: 1px solid var(--border-color-primary); background: var(--block-background-fill); cursor: pointer; }
 .birdmap-caption { min-height: 2.6em; font-size: 0.92em; margin: 0.3em 0; }
