@@ -164,7 +164,8 @@ def build_page(sets: ModelSets, engine: Engine | None, problem: str | None, repo
     with gr.Row(equal_height=True):
         with gr.Column(scale=4):
             gr.Markdown(INTRO, elem_id="intro")
-        with gr.Column(scale=2, min_width=240):
+        # One set: no menu, and no empty column beside the title (it wrapped the title).
+        with gr.Column(scale=2, min_width=240, visible=len(sets.choices) > 1):
             set_selector = gr.Dropdown(sets.choices, value=sets.default, label="Model set",
                                        visible=len(sets.choices) > 1, interactive=True, elem_id="set-selector")
     status = gr.Markdown(set_status(sets, sets.default, engine, problem), elem_id="status")
