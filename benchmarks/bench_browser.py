@@ -364,9 +364,18 @@ class CpuShare:
 
 # --- the page --------------------------------------------------------------------------------------
 
+WINDOW = {"width": 1400, "height": 1000}  # the page's viewport: a laptop's browser window
+# Whether every model's map lies whole in the window (after the drop, outside the timed path):
+# a map drawn out of view is not painted, so its time would leave that out.
+MAPS_IN_VIEW = """keys => keys.every(k => {
+  const r = document.querySelector('#map-' + k + ' canvas.birdmap-canvas').getBoundingClientRect();
+  return r.top >= 0 && r.bottom <= innerHeight && r.height > 0;
+})"""
+
+
 def fresh_page(browser, url: str, page_settle_ms: float):
     """A new visitor's page, `page_settle_ms` after its photo box appeared (see --page-settle-ms)."""
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context = browser.new_context(viewport=WINDOW)
     context.add_init_script(RECORDER)
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
@@ -424,6 +433,7 @@ def app_photo(browser, app: Served, photo: Path, settle_ms: float, opacity: floa
 
         drop = probe(page, [f"map:{k}" for k in KEYS] + ["labels"], drop_photo)
         used = CpuShare.between(*window) if len(window) == 2 else None
+        in_view = page.evaluate(MAPS_IN_VIEW, list(KEYS))
         quiet(page, settle_ms, second_update=True)
         draws = page.evaluate("() => window.__bench.draws")
         marks = drop["marks"]
@@ -437,6 +447,7 @@ def app_photo(browser, app: Served, photo: Path, settle_ms: float, opacity: floa
                   # when the event completes: Gradio sends the outputs again)
                   "drop_to_vit_complete": draws["vit"][1] if len(draws["vit"]) >= 2 else None,
                   "status": page.inner_text("#status").strip(),
+                  "maps_in_view": in_view,
                   "cpu_during_drop": used}
 
         listed = " ".join(page.inner_text(f"#label-{k}") for k in KEYS)
@@ -651,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"the same quiet between switches"),
         "each_photo": ("a fresh browser context and page per photo and app; app, text floor and image floor take "
                        "turns photo by photo"),
-        "page_settle_ms": args.page_settle_ms,
+        "page_settle_ms": args.page_settle_ms, "window": WINDOW,
         "rtt_ms": args.rtt_ms,
         "long_side": args.long_side,
     }
@@ -737,6 +748,7 @@ def main(argv: list[str] | None = None) -> int:
     if baseline_samples:
         report["baseline_samples"] = [rounded({k: v for k, v in s.items() if k != "status"}) for s in baseline_samples]
     report["pending_switches"] = sum(len(s["pending"]) for s in app_samples)
+    report["maps_out_of_view"] = sum(not s["maps_in_view"] for s in app_samples)
     report["machine"]["load_average_end"] = results_file.load_average()
     report["seconds"] = round(time.perf_counter() - started, 1)
     floor_text = report["figures"]["floor"]["drop_to_text"]["median_ms"]
@@ -759,6 +771,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"scheduler: autogroup on; Chromium in {groups['chromium_groups']} session group(s)"
                   f"{' with' if groups['chromium_shares_server_group'] else ' apart from'} the server's")
     print(f"\nsettle: {report['settle']}; switches flagged pending: {report['pending_switches']}")
+    window = f"{WINDOW['width']} x {WINDOW['height']}"
+    print(f"the three maps lay in the {window} window after every drop" if not report["maps_out_of_view"] else
+          f"WARNING: in {report['maps_out_of_view']} of {len(app_samples)} drops a map lay outside the {window} "
+          "window: Chromium does not paint it there, so drop -> maps leaves its painting out")
     print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, load average "
           f"{report['machine']['load_average_start']} -> {report['machine']['load_average_end']}; "
           f"{report['seconds']:.0f} s")
