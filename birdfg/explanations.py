@@ -129,7 +129,7 @@ class BilinearSplit(_HeadClassMap):
 
     name = "bilinear"
     label = "Bilinear location split"
-    description = "The species' bilinear score split exactly over locations; below, the channel pairs that weigh most."
+    description = "The species' bilinear score split exactly over locations; under the map, the channel pairs that weigh most."
 
     def parts(self, evidence: Evidence, class_index: int, k: int = 4) -> list[tuple[str, np.ndarray]]:
         return self.parts_of_classes(evidence, [class_index], k)[0]
