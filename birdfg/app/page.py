@@ -185,13 +185,15 @@ def build_page(sets: ModelSets, engine: Engine | None, problem: str | None, repo
                 with gr.Row():
                     species = gr.Dropdown(species_choices(engine.classes) if engine else [], value=PREDICTED,
                                           label="Show the maps for", interactive=True, elem_id="species",
-                                          info="Each model's own top guess, or any species you choose.")
+                                          info="Each model's own top guess, or any species you choose.",
+                                          min_width=200)  # on a phone, one under the other: readable
                     rather = gr.Dropdown(rather_choices(None, engine.classes) if engine else [], value=NOTHING,
                                          label="…rather than", interactive=True, elem_id="rather",
-                                         info="Contrast: what favours the species above over this one.")
+                                         info="Contrast: what favours the species above over this one.",
+                                         min_width=200)
                     fetch_contrast = gr.Button(visible="hidden", elem_id="fetch-contrast")
                     opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Map opacity",
-                                        elem_id="opacity")
+                                        elem_id="opacity", min_width=180)
                 with gr.Row(equal_height=False):
                     columns = {key: _model_column(key, engine, server_functions) for key in MODEL_KEYS}
         gr.Markdown(HOWTO, elem_id="howto")
