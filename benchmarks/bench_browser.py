@@ -70,6 +70,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -197,7 +198,7 @@ def delayed(served: Served, rtt_ms: float) -> Iterator[Served]:
     """`served` behind a TCP proxy on a free local port that holds every chunk of bytes rtt_ms / 2
     in each direction, in order (a network round trip; no bandwidth limit, no handshake cost)."""
     delay = rtt_ms / 2000
-    target = served.url.split("//")[1].split("/")[0].rsplit(":", 1)
+    target = urllib.parse.urlsplit(served.url)
     loop = asyncio.new_event_loop()
 
     async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
@@ -224,7 +225,7 @@ def delayed(served: Served, rtt_ms: float) -> Iterator[Served]:
 
     async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            upstream_reader, upstream_writer = await asyncio.open_connection(target[0], int(target[1]))
+            upstream_reader, upstream_writer = await asyncio.open_connection(target.hostname, target.port)
             await asyncio.gather(pump(reader, upstream_writer), pump(upstream_reader, writer))
         except ConnectionError:
             writer.close()

@@ -165,9 +165,10 @@ def build_page(sets: ModelSets, engine: Engine | None, problem: str | None, repo
         with gr.Column(scale=4):
             gr.Markdown(INTRO, elem_id="intro")
         # One set: no menu, and no empty column beside the title (it wrapped the title).
-        with gr.Column(scale=2, min_width=240, visible=len(sets.choices) > 1):
+        several = len(sets.choices) > 1
+        with gr.Column(scale=2, min_width=240, visible=several):
             set_selector = gr.Dropdown(sets.choices, value=sets.default, label="Model set",
-                                       visible=len(sets.choices) > 1, interactive=True, elem_id="set-selector")
+                                       visible=several, interactive=True, elem_id="set-selector")
     status = gr.Markdown(set_status(sets, sets.default, engine, problem), elem_id="status")
 
     # The photo beside the three models, the controls over the maps they change: a visitor sees the
